@@ -1,0 +1,203 @@
+"""Operations on the books. Every money movement is a ledger entry with an
+idempotency key: booking the same key twice returns the first entry and
+changes nothing, whoever retries (the CLI, the worker after a crash)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import delete, func, select, update
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from ..money import MAX_MICROS, format_display
+from ..rating import Rate, RatePlan
+from .models import Account, Cdr, LedgerEntry, RatePlanRow, RateRow
+
+
+class BooksError(ValueError):
+    """A refused operation, worded for the operator."""
+
+
+@dataclass(frozen=True)
+class Booking:
+    entry_id: int
+    amount: int
+    created: bool  # False: the key was booked before, nothing changed
+
+
+class Books:
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.session = sessionmaker(engine, expire_on_commit=False)
+
+    # -- accounts ---------------------------------------------------------
+    def create_account(self, account_id: str, **values) -> Account:
+        with self.session.begin() as db:
+            if db.get(Account, account_id) is not None:
+                raise BooksError(f"account {account_id} already exists")
+            plan = values.get("plan") or "default"
+            values["plan"] = plan
+            account = Account(id=account_id, **values)
+            db.add(account)
+        return account
+
+    def get_account(self, account_id: str) -> Account:
+        with self.session() as db:
+            account = db.get(Account, account_id)
+        if account is None:
+            raise BooksError(f"unknown account {account_id}")
+        return account
+
+    def list_accounts(self) -> list[Account]:
+        with self.session() as db:
+            return list(db.scalars(select(Account).order_by(Account.id)))
+
+    def update_account(self, account_id: str, **changes) -> Account:
+        with self.session.begin() as db:
+            account = db.get(Account, account_id, with_for_update=True)
+            if account is None:
+                raise BooksError(f"unknown account {account_id}")
+            for name, value in changes.items():
+                setattr(account, name, value)
+        return account
+
+    # -- ledger -----------------------------------------------------------
+    def book(
+        self,
+        account_id: str,
+        kind: str,
+        amount: int,
+        key: str,
+        reference: str | None = None,
+        session: str | None = None,
+        db: Session | None = None,
+    ) -> Booking:
+        """Append one movement and move the account's balance by `amount`, once per key."""
+        if db is None:
+            with self.session.begin() as db:
+                return self.book(account_id, kind, amount, key, reference, session, db)
+        existing = db.scalar(select(LedgerEntry).where(LedgerEntry.idempotency_key == key))
+        if existing is not None:
+            return Booking(existing.id, existing.amount, False)
+        # Move the balance first. Its row lock orders concurrent bookings on PostgreSQL, and
+        # it opens the write transaction on SQLite, whose driver only starts one at the first
+        # write: a SAVEPOINT before that would commit the entry on its own at RELEASE.
+        moved = db.execute(
+            update(Account).where(
+                Account.id == account_id,
+                # Redis (Lua doubles) holds at most 2**53-1: refuse here, before anything
+                # is booked, rather than let SQL run ahead of Redis.
+                Account.balance + amount <= MAX_MICROS,
+                Account.balance + amount >= -MAX_MICROS,
+            ).values(balance=Account.balance + amount)
+        )
+        if moved.rowcount != 1:
+            if db.get(Account, account_id) is None:
+                raise BooksError(f"unknown account {account_id}")
+            raise BooksError(f"amount too large: the balance of {account_id} would go beyond "
+                             f"{format_display(MAX_MICROS)}")
+        entry = LedgerEntry(
+            account=account_id, kind=kind, amount=amount, idempotency_key=key,
+            reference=reference, session=session,
+        )
+        try:
+            with db.begin_nested():
+                db.add(entry)
+                db.flush()
+        except IntegrityError:
+            # A concurrent writer booked the same key between our check and insert.
+            db.execute(update(Account).where(Account.id == account_id)
+                       .values(balance=Account.balance - amount))
+            existing = db.scalar(select(LedgerEntry).where(LedgerEntry.idempotency_key == key))
+            if existing is None:
+                raise
+            return Booking(existing.id, existing.amount, False)
+        return Booking(entry.id, amount, True)
+
+    def ledger_sum(self, account_id: str) -> int:
+        with self.session() as db:
+            total = db.scalar(
+                select(func.coalesce(func.sum(LedgerEntry.amount), 0))
+                .where(LedgerEntry.account == account_id)
+            )
+        return int(total)
+
+    def ledger(self, account_id: str) -> list[LedgerEntry]:
+        with self.session() as db:
+            return list(db.scalars(
+                select(LedgerEntry).where(LedgerEntry.account == account_id)
+                .order_by(LedgerEntry.id)
+            ))
+
+    # -- calls ------------------------------------------------------------
+    def record_call(self, cdr: dict) -> bool:
+        """Book a finished call's CDR and its charge in one transaction, once per session."""
+        with self.session.begin() as db:
+            if db.scalar(select(Cdr.id).where(Cdr.session == cdr["session"])) is not None:
+                return False
+            db.add(Cdr(**cdr))
+            try:
+                db.flush()
+            except IntegrityError:
+                db.rollback()
+                return False
+            if cdr["cost"]:
+                self.book(
+                    cdr["account"], "call_charge", -cdr["cost"], f"call:{cdr['session']}",
+                    reference=cdr["destination"], session=cdr["session"], db=db,
+                )
+        return True
+
+    def cdrs(self, account_id: str | None = None) -> list[Cdr]:
+        query = select(Cdr).order_by(Cdr.id)
+        if account_id:
+            query = query.where(Cdr.account == account_id)
+        with self.session() as db:
+            return list(db.scalars(query))
+
+    # -- rate plans ---------------------------------------------------------
+    def replace_plan(self, name: str, direction: str, rates: list[Rate]) -> int:
+        """Swap a plan's rows for one direction in one transaction; returns the new version."""
+        with self.session.begin() as db:
+            plan = db.get(RatePlanRow, name, with_for_update=True)
+            if plan is None:
+                plan = RatePlanRow(name=name, version=1)
+                db.add(plan)
+            else:
+                plan.version += 1
+            db.flush()
+            db.execute(delete(RateRow).where(RateRow.plan == name, RateRow.direction == direction))
+            db.add_all(
+                RateRow(
+                    plan=name, direction=direction, prefix=r.prefix, description=r.description,
+                    rate_per_min=r.rate_per_min, connect_fee=r.connect_fee,
+                    initial_increment=r.initial_increment,
+                    subsequent_increment=r.subsequent_increment, blocked=r.blocked,
+                )
+                for r in rates
+            )
+            return plan.version
+
+    def plan_exists(self, name: str) -> bool:
+        with self.session() as db:
+            return db.get(RatePlanRow, name) is not None
+
+    def plan_versions(self) -> dict[str, int]:
+        with self.session() as db:
+            return dict(db.execute(select(RatePlanRow.name, RatePlanRow.version)).all())
+
+    def load_plans(self) -> dict[tuple[str, str], RatePlan]:
+        """Every plan, keyed by (name, direction), ready for in-process lookups."""
+        versions = self.plan_versions()
+        rows: dict[tuple[str, str], list[Rate]] = {}
+        with self.session() as db:
+            for r in db.scalars(select(RateRow)):
+                rows.setdefault((r.plan, r.direction), []).append(Rate(
+                    r.prefix, r.description, r.rate_per_min, r.connect_fee,
+                    r.initial_increment, r.subsequent_increment, r.blocked,
+                ))
+        return {
+            key: RatePlan(key[0], rates, versions.get(key[0], 0)) for key, rates in rows.items()
+        }

@@ -1,0 +1,146 @@
+"""The durable books (SQLAlchemy 2). Schema changes go through Alembic migrations.
+
+Money columns are BigInteger micro-units. An account's `balance` is the sum of
+its ledger entries: positive is money the customer has (prepaid credit), a
+postpaid account's unpaid cost shows as a negative balance (outstanding =
+-balance). One sign convention serves both kinds:
+available credit = balance + credit_limit - reserved.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+KINDS = ("prepaid", "postpaid")
+LEDGER_KINDS = ("topup", "payment", "call_charge", "adjustment")
+DIRECTIONS = ("outbound", "inbound")
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class RatePlanRow(Base):
+    __tablename__ = "rate_plans"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    version: Mapped[int] = mapped_column(Integer, default=1)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class RateRow(Base):
+    __tablename__ = "rates"
+
+    plan: Mapped[str] = mapped_column(
+        ForeignKey("rate_plans.name", ondelete="CASCADE"), primary_key=True
+    )
+    direction: Mapped[str] = mapped_column(String(8), primary_key=True)
+    prefix: Mapped[str] = mapped_column(String(16), primary_key=True)
+    description: Mapped[str] = mapped_column(String(200), default="")
+    rate_per_min: Mapped[int] = mapped_column(BigInteger)
+    connect_fee: Mapped[int] = mapped_column(BigInteger)
+    initial_increment: Mapped[int] = mapped_column(Integer)
+    subsequent_increment: Mapped[int] = mapped_column(Integer)
+    blocked: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class Account(Base):
+    __tablename__ = "accounts"
+    __table_args__ = (
+        CheckConstraint("kind IN ('prepaid', 'postpaid')", name="ck_accounts_kind"),
+        CheckConstraint("status IN ('active', 'blocked')", name="ck_accounts_status"),
+    )
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(8))
+    currency: Mapped[str] = mapped_column(String(3), default="CHF")
+    plan: Mapped[str] = mapped_column(String(64), default="default")
+    status: Mapped[str] = mapped_column(String(8), default="active")
+    block_reason: Mapped[str | None] = mapped_column(String(200))
+    max_channels: Mapped[int] = mapped_column(Integer, default=10)
+    cps_limit: Mapped[int] = mapped_column(Integer, default=0)  # 0: none
+    balance: Mapped[int] = mapped_column(BigInteger, default=0)  # = sum(ledger.amount)
+    credit_limit: Mapped[int] = mapped_column(BigInteger, default=0)
+    warn_below: Mapped[int | None] = mapped_column(BigInteger)  # prepaid warning level
+    warn_at: Mapped[int | None] = mapped_column(BigInteger)  # postpaid warning level
+    email: Mapped[str | None] = mapped_column(String(254))
+    payment_method: Mapped[str | None] = mapped_column(String(200))
+    auto_topup_below: Mapped[int | None] = mapped_column(BigInteger)
+    auto_topup_amount: Mapped[int | None] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), default=utcnow, onupdate=utcnow
+    )
+
+
+class LedgerEntry(Base):
+    """Append-only: an entry is never updated or deleted; corrections are adjustments."""
+
+    __tablename__ = "ledger"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    account: Mapped[str] = mapped_column(ForeignKey("accounts.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    amount: Mapped[int] = mapped_column(BigInteger)  # signed effect on the balance
+    idempotency_key: Mapped[str] = mapped_column(String(200), unique=True)
+    reference: Mapped[str | None] = mapped_column(String(200))
+    session: Mapped[str | None] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Cdr(Base):
+    __tablename__ = "cdrs"
+    __table_args__ = (Index("ix_cdrs_account_setup", "account", "setup_ms"),)
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    session: Mapped[str] = mapped_column(String(200), unique=True)
+    account: Mapped[str] = mapped_column(ForeignKey("accounts.id"))
+    channel: Mapped[str] = mapped_column(String(200))
+    node: Mapped[str] = mapped_column(String(100), default="")
+    direction: Mapped[str] = mapped_column(String(8))
+    destination: Mapped[str] = mapped_column(String(64))
+    prefix: Mapped[str] = mapped_column(String(16), default="")
+    rate_per_min: Mapped[int] = mapped_column(BigInteger, default=0)
+    connect_fee: Mapped[int] = mapped_column(BigInteger, default=0)
+    initial_increment: Mapped[int] = mapped_column(Integer, default=1)
+    subsequent_increment: Mapped[int] = mapped_column(Integer, default=1)
+    setup_ms: Mapped[int] = mapped_column(BigInteger)
+    answer_ms: Mapped[int | None] = mapped_column(BigInteger)
+    end_ms: Mapped[int] = mapped_column(BigInteger)
+    duration: Mapped[int] = mapped_column(Integer, default=0)  # answered seconds
+    billed: Mapped[int] = mapped_column(Integer, default=0)
+    cost: Mapped[int] = mapped_column(BigInteger, default=0)
+    cause: Mapped[str] = mapped_column(String(32), default="")
+
+
+class Notification(Base):
+    """Outbox: written with the event that causes it, sent later by the worker."""
+
+    __tablename__ = "notifications"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    key: Mapped[str] = mapped_column(String(200), unique=True)
+    account: Mapped[str] = mapped_column(ForeignKey("accounts.id"), index=True)
+    type: Mapped[str] = mapped_column(String(32))
+    payload: Mapped[str] = mapped_column(Text)  # JSON
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(String(500))

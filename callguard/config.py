@@ -1,0 +1,111 @@
+"""Settings: built-in defaults < TOML file < environment < command-line options."""
+
+from __future__ import annotations
+
+import os
+import socket
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+
+POLICIES = ("fail_closed", "fail_open")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Settings:
+    home: Path = Path(".callguard")
+    redis_url: str | None = None  # None: the embedded Redis under home
+    database_url: str | None = None  # None: SQLite under home
+    ami_url: str | None = None
+    esl_url: str | None = None
+    agi_bind: str = "127.0.0.1:4573"
+    esl_bind: str = "127.0.0.1:8084"
+    quota_seconds: int = 60
+    failure_policy: str = "fail_closed"
+    smtp_url: str | None = None
+    mail_from: str | None = None
+    webhook_url: str | None = None
+    webhook_secret: str | None = None
+    payment_url: str | None = None
+    http_bind: str = "127.0.0.1:9464"
+    # Not in CONTRACT.md, named the same way:
+    node: str = field(default_factory=socket.gethostname)
+    key_prefix: str = "cg"  # separates installations (or test runs) sharing one Redis
+    grace_seconds: int = 2  # added to the PBX's own timeout beyond a grant's end
+    stale_grace_seconds: int = 30  # sweeper: a session silent this long past its grant is closed
+    agi_allow: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+    agi_budget_ms: int = 300  # every FastAGI request is answered within this
+    fail_open_grant: int = 60  # seconds granted under fail_open when Redis is down
+
+    @property
+    def sql_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.home / 'callguard.db').resolve()}"
+
+    def validate(self) -> Settings:
+        if self.failure_policy not in POLICIES:
+            raise ConfigError(f"failure policy must be one of {', '.join(POLICIES)}")
+        if not 1 <= self.quota_seconds <= 3600:
+            raise ConfigError("quota seconds must be between 1 and 3600")
+        for name in ("agi_bind", "esl_bind", "http_bind"):
+            split_hostport(getattr(self, name))
+        return self
+
+
+_ENV = {f.name: "CALLGUARD_" + f.name.upper() for f in fields(Settings)}
+_ENV["home"] = "CALLGUARD_HOME"
+_INTS = {
+    "quota_seconds", "grace_seconds", "stale_grace_seconds", "agi_budget_ms", "fail_open_grant",
+}
+
+
+def _coerce(name: str, value):
+    if name == "home":
+        return Path(value)
+    if name in _INTS:
+        if isinstance(value, bool | float):  # TOML 1.5 or true: int() would quietly give 1
+            raise ConfigError(f"{name} must be a whole number, not {value!r}")
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name} must be a whole number, not {value!r}") from None
+    if name == "agi_allow":
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        return tuple(value)
+    return str(value) if value is not None else None
+
+
+def load_settings(config_file: str | None = None, env=None, **overrides) -> Settings:
+    env = os.environ if env is None else env
+    values: dict = {}
+    path = config_file or env.get("CALLGUARD_CONFIG")
+    if path:
+        try:
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+        data = data.get("callguard", data)
+        unknown = set(data) - set(_ENV)
+        if unknown:
+            raise ConfigError(f"unknown setting(s) in {path}: {', '.join(sorted(unknown))}")
+        values.update(data)
+    for name, var in _ENV.items():
+        if env.get(var):
+            values[name] = env[var]
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    settings = replace(Settings(), **{k: _coerce(k, v) for k, v in values.items()})
+    return settings.validate()
+
+
+def split_hostport(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"expected HOST:PORT, not {text!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
