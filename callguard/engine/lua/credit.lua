@@ -1,0 +1,16 @@
+-- KEYS: acct, marker
+-- ARGV: amount (signed micro-units), marker_ttl_s
+-- Apply a money movement already booked in SQL, once per idempotency key.
+-- Returns {applied (0/1), balance}
+local acct, marker = KEYS[1], KEYS[2]
+local amount = tonumber(ARGV[1])
+if not amount or amount ~= math.floor(amount) or math.abs(amount) > MAX_MONEY then
+  return redis.error_reply('amount out of range')
+end
+if redis.call('EXISTS', acct) == 0 then return redis.error_reply('unknown account') end
+local balance = num(redis.call('HGET', acct, 'balance'))
+if math.abs(balance + amount) > MAX_MONEY then return redis.error_reply('balance out of range') end
+if redis.call('SET', marker, 1, 'NX', 'EX', tonumber(ARGV[2])) == false then return {0, balance} end
+balance = balance + amount
+redis.call('HSET', acct, 'balance', balance)
+return {1, balance}

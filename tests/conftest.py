@@ -1,0 +1,201 @@
+"""Real services for the tests: the machine's Redis and PostgreSQL when they
+answer, the embedded Redis and SQLite otherwise; a Redis Cluster started from
+the same redis-server binary. Every test gets its own key prefix and schema."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import redis
+from click.testing import CliRunner
+
+from callguard.books.database import make_engine, upgrade
+from callguard.cli import cli
+from callguard.config import load_settings
+from callguard.engine.connect import ensure_embedded, redis_binary, stop_embedded
+from callguard.service import App
+
+FIXTURES = Path(__file__).with_name("fixtures")
+
+
+def _answers(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.3) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(7).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def single_redis_url(tmp_path_factory):
+    if os.environ.get("CALLGUARD_TEST_REDIS_URL"):
+        yield os.environ["CALLGUARD_TEST_REDIS_URL"]
+    elif _answers("127.0.0.1", 6379):
+        yield "redis://127.0.0.1:6379/0"
+    else:
+        home = tmp_path_factory.mktemp("embedded-redis")
+        yield ensure_embedded(home)
+        stop_embedded(home)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def redis_url(single_redis_url):
+    return single_redis_url
+
+
+@pytest.fixture(scope="session")
+def cluster_url(tmp_path_factory):
+    """A real 3-master Redis Cluster on loopback, started from the machine's redis-server
+    (the embedded one where the machine has none)."""
+    try:
+        binary = shutil.which("redis-server") or redis_binary()
+    except RuntimeError:
+        pytest.skip("no redis-server binary to start a cluster with")
+    cli_binary = shutil.which("redis-cli", path=str(Path(binary).parent)) or shutil.which(
+        "redis-cli") or str(Path(redis_binary()).with_name("redis-cli"))
+    if not Path(cli_binary).exists():
+        pytest.skip("no redis-cli to create a cluster with")
+    procs: list[subprocess.Popen] = []
+    try:
+        for attempt in range(3):  # a port taken between probing and binding: try others
+            try:
+                yield _start_cluster(binary, cli_binary, tmp_path_factory.mktemp("cluster"),
+                                     procs)
+                return
+            except ClusterStartFailed:
+                _stop(procs)
+                if attempt == 2:
+                    raise
+    finally:
+        _stop(procs)
+
+
+class ClusterStartFailed(RuntimeError):
+    pass
+
+
+def _stop(procs: list[subprocess.Popen]) -> None:
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        proc.wait(timeout=10)
+    procs.clear()
+
+
+def _cluster_ports(count: int) -> list[int]:
+    """Free ports whose cluster bus ports (port + 10000, fixed by Redis) are free too.
+    Taken below the ephemeral range: Redis refuses a port above 55535, and the
+    kernel hands out ports up to 60999."""
+    ports: list[int] = []
+    for port in random.sample(range(20000, 30000), 200):
+        try:
+            for candidate in (port, port + 10000):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", candidate))
+        except OSError:
+            continue
+        ports.append(port)
+        if len(ports) == count:
+            return ports
+    raise ClusterStartFailed("no free ports for a cluster")
+
+
+def _start_cluster(binary: str, cli_binary: str, base: Path, procs: list) -> str:
+    ports = _cluster_ports(3)
+    for port in ports:
+        node_dir = base / str(port)
+        node_dir.mkdir()
+        procs.append(subprocess.Popen(
+            [binary, "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
+             "--cluster-config-file", str(node_dir / "nodes.conf"), "--dir", str(node_dir),
+             "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        ))
+    deadline = time.monotonic() + 10
+    while not all(_answers("127.0.0.1", p) for p in ports):
+        if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+            raise ClusterStartFailed("cluster nodes did not start")
+        time.sleep(0.05)
+    subprocess.run(
+        [cli_binary, "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports),
+         "--cluster-replicas", "0", "--cluster-yes"],
+        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=30,
+    )
+    deadline = time.monotonic() + 15
+    while redis.Redis(port=ports[0], decode_responses=True).cluster("info").get(
+            "cluster_state") != "ok":
+        if time.monotonic() > deadline:
+            raise ClusterStartFailed("cluster did not become ok")
+        time.sleep(0.1)
+    return f"redis+cluster://127.0.0.1:{ports[0]}"
+
+
+def _database_urls():
+    urls = ["sqlite"]
+    if os.environ.get("CALLGUARD_TEST_DATABASE_URL"):
+        urls.append("postgres")
+    return urls
+
+
+@pytest.fixture(params=_database_urls())
+def database_url(request, tmp_path):
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'books.db'}"
+        return
+    base = os.environ["CALLGUARD_TEST_DATABASE_URL"]
+    schema = "t_" + uuid.uuid4().hex[:12]
+    admin = make_engine(base)
+    with admin.begin() as conn:
+        conn.exec_driver_sql(f"CREATE SCHEMA {schema}")
+    sep = "&" if "?" in base else "?"
+    yield f"{base}{sep}options=-csearch_path%3D{schema}"
+    with admin.begin() as conn:
+        conn.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
+    admin.dispose()
+
+
+@pytest.fixture
+def settings(tmp_path, redis_url, database_url):
+    return load_settings(
+        env={}, home=str(tmp_path / "home"), redis_url=redis_url, database_url=database_url,
+        key_prefix="t" + uuid.uuid4().hex[:10], node="test-node",
+    )
+
+
+@pytest.fixture
+def app(settings):
+    application = App(settings)
+    upgrade(application.books.engine)
+    yield application
+    application.books.engine.dispose()
+
+
+@pytest.fixture
+def run(settings, app):
+    """Run the CLI as an operator would, against this test's services."""
+    env = {
+        "CALLGUARD_HOME": str(settings.home), "CALLGUARD_REDIS_URL": settings.redis_url,
+        "CALLGUARD_DATABASE_URL": settings.database_url,
+        "CALLGUARD_KEY_PREFIX": settings.key_prefix, "CALLGUARD_NODE": "test-node",
+    }
+    runner = CliRunner()
+
+    def invoke(*args, input=None):
+        return runner.invoke(cli, list(args), env=env, input=input, catch_exceptions=False)
+
+    return invoke

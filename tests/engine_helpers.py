@@ -1,0 +1,34 @@
+"""Helpers for engine tests: accounts and plans set up the way the CLI does it."""
+
+from __future__ import annotations
+
+from callguard import service
+from callguard.engine import state
+from callguard.rating import Rate
+
+T0 = 1_900_000_000_000  # simulated clock, epoch ms
+
+PREMIUM = Rate("4190", "premium", 3_000_000, 0, 1, 1)  # CHF 3.00/min, 1/1
+NATIONAL = Rate("41", "Switzerland", 100_000, 0, 60, 60)  # CHF 0.10/min, 60/60
+MOBILE = Rate("417", "CH mobile", 400_000, 50_000, 30, 6)  # CHF 0.40/min + 0.05, 30/6
+BLOCKED = Rate("4199", "blocked", 1_000_000, 0, 1, 1, blocked=True)
+
+
+def setup_plan(app, rates=(PREMIUM, NATIONAL, MOBILE, BLOCKED), name="default",
+               direction="outbound"):
+    service.import_plan(app, name, direction, list(rates))
+    app.plans.replace(app.books.load_plans())
+
+
+def prepaid(app, account="41441234567", balance=50_000_000, max_channels=0, **values):
+    return service.create_account(app, account, opening_balance=balance, kind="prepaid",
+                                  max_channels=max_channels, **values)
+
+
+def postpaid(app, account="4144555", credit_limit=300_000_000, max_channels=0, **values):
+    return service.create_account(app, account, kind="postpaid", credit_limit=credit_limit,
+                                  max_channels=max_channels, **values)
+
+
+def snapshot(app, account):
+    return state.account_state(app.redis, app.keys, account)
