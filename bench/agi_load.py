@@ -1,0 +1,580 @@
+"""Open-loop FastAGI load against `callguard serve asterisk` (or a baseline).
+
+The generator speaks FastAGI as Asterisk 22 does (tests/fixtures/asterisk): the
+request headers in Asterisk's order in two writes, one `200 result=1` per
+command read, and after the server's half-close the rest of the replies,
+`HANGUP`, close. Connection starts are scheduled at fixed times (open loop): a
+slow server does not slow the generator down, it shows as latency and errors.
+The generator reports how far behind its own schedule it fell, so a saturated
+generator is visible rather than mistaken for a fast server.
+
+The server runs in a separate process. Targets:
+
+  callguard  `callguard serve asterisk` (subprocess) on a throwaway installation:
+             each call is a real authorize (Lua on Redis) on one of --accounts
+             prepaid accounts; only ALLOW counts as a success
+  minimal    bench/minimal_agi.py (subprocess): headers in, the same six SET
+             VARIABLEs out, no Redis: the FastAGI floor
+  redis      no FastAGI: one EVALSHA per "call" from this process with
+             callguard's own call-path client (engine/pipelined.py: one
+             connection, hiredis; --client redis-py for redis-py's pooled
+             asyncio client): --lua trivial (`return 1`) or --lua authorize
+             (the real script on the same accounts)
+
+Examples:
+  .venv/bin/python bench/agi_load.py --rate 1000 --duration 20 --runs 3
+  .venv/bin/python bench/agi_load.py --target minimal --rate 1000 --duration 20
+  .venv/bin/python bench/agi_load.py --find-max --target callguard
+  .venv/bin/python bench/agi_load.py --target redis --lua authorize --find-max
+  .venv/bin/python bench/agi_load.py --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import errno
+import os
+import resource
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from types import SimpleNamespace
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+from common import (  # noqa: E402
+    BenchEnv,
+    CpuMeter,
+    Subprocess,
+    emit_json,
+    print_machine,
+    print_table,
+    serve_asterisk,
+    spread,
+    summarize,
+)
+
+MIN_SLEEP = 0.001  # the generator's scheduling quantum (see Generator.run)
+DRAIN_TIMEOUT = 10.0  # seconds to wait for the last calls after the schedule ends
+HEADERS_SCRIPT = "authorize"
+ALLOW = b'SET VARIABLE CALLGUARD_RESULT "ALLOW"'
+
+
+def gen_cpu() -> float:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
+class Stats:
+    def __init__(self):
+        self.latency: list[float] = []  # connect started -> EOF (or EVALSHA reply), seconds
+        self.from_schedule: list[float] = []  # scheduled start -> EOF
+        self.lag: list[float] = []  # scheduled start -> actual start
+        self.errors: Counter = Counter()
+        self.ok = 0
+        self.first_scheduled = 0.0
+        self.last_done = 0.0
+        self.outstanding: set = set()
+
+    def done(self, scheduled: float, launched: float, ok: bool, error: str = "") -> None:
+        now = time.perf_counter()
+        if ok:
+            self.ok += 1
+            self.latency.append(now - launched)
+            self.from_schedule.append(now - scheduled)
+        else:
+            self.errors[error] += 1
+        self.last_done = max(self.last_done, now)
+
+
+class AGICall(asyncio.Protocol):
+    """One FastAGI session, client side, as res_agi runs it."""
+
+    __slots__ = ("stats", "chunks", "scheduled", "launched", "transport", "buffer",
+                 "pending", "allowed", "finished", "reason")
+
+    def __init__(self, stats: Stats, chunks: list[bytes], scheduled: float, launched: float):
+        self.stats, self.chunks = stats, chunks
+        self.scheduled, self.launched = scheduled, launched
+        self.transport = None
+        self.buffer = b""
+        self.pending: list[bytes] = []
+        self.allowed = False
+        self.finished = False
+        self.reason = b""
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        for chunk in self.chunks:  # two writes, as Asterisk does
+            transport.write(chunk)
+
+    def data_received(self, data: bytes) -> None:
+        *lines, self.buffer = (self.buffer + data).split(b"\n")
+        for line in lines:
+            if line.startswith(b"SET VARIABLE CALLGUARD_RESULT "):
+                self.allowed = line == ALLOW
+            elif line.startswith(b"SET VARIABLE CALLGUARD_REASON "):
+                self.reason = line[30:].strip(b'"')
+        self.pending += lines
+        # res_agi runs one buffered command each time the socket turns readable.
+        if self.pending:
+            self.transport.write(self._answer(self.pending.pop(0)))
+
+    def _answer(self, line: bytes) -> bytes:
+        if line.startswith(b"SET VARIABLE ") or line.startswith(b"NOOP") \
+                or line.startswith(b"VERBOSE "):
+            return b"200 result=1\n"
+        self.stats.errors["agi_unknown_command"] += 1
+        return b"510 Invalid or unknown command\n"
+
+    def eof_received(self) -> bool:
+        # The server half-closed: Asterisk runs what is left, then HANGUP, then closes.
+        if self.buffer:
+            self.pending.append(self.buffer)
+            self.buffer = b""
+        self.transport.write(b"".join(self._answer(line) for line in self.pending)
+                             + b"HANGUP\n")
+        self.pending = []
+        self.finish("" if self.allowed else
+                    "deny_" + (self.reason.decode(errors="replace") or "no_result"))
+        self.transport.close()
+        return True
+
+    def finish(self, error: str) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        self.stats.outstanding.discard(self)
+        self.stats.done(self.scheduled, self.launched, not error, error)
+
+    def connection_lost(self, exc) -> None:
+        if not self.finished:
+            self.finish("closed_before_eof" if exc is None else f"reset:{type(exc).__name__}")
+
+    def abort(self) -> None:
+        if not self.finished:
+            self.finish("timeout")
+            if self.transport is not None:
+                self.transport.abort()
+
+
+class Generator:
+    """Starts one call at each scheduled time; never waits for an earlier call."""
+
+    def __init__(self, args, target: str, port: int | None, accounts: list[str],
+                 engine=None):
+        from callguard.simulator.asterisk import SimulatedAsterisk
+
+        self.args = args
+        self.target = target
+        self.port = port
+        self.accounts = accounts or ["41440000000"]
+        self.sim = SimulatedAsterisk(agi_port=port or 0)  # for its header format only
+        self.engine = engine  # redis target
+        self.base = int(time.time())
+        self.seq = 0
+
+    def headers(self, i: int) -> list[bytes]:
+        self.seq += 1
+        call = SimpleNamespace(
+            channel=f"PJSIP/bench-{self.seq:08x}", uniqueid=f"{self.base}.{self.seq}",
+            account=self.accounts[self.seq % len(self.accounts)], exten=common.PREMIUM_NUMBER)
+        return self.sim.agi_headers(call, HEADERS_SCRIPT)
+
+    async def _connect(self, proto: AGICall) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.create_connection(lambda: proto, "127.0.0.1", self.port)
+        except OSError as exc:
+            proto.finish("connect:" + (errno.errorcode.get(exc.errno or 0) or type(exc).__name__))
+
+    async def _redis_op(self, stats: Stats, scheduled: float, launched: float) -> None:
+        self.seq += 1
+        try:
+            if self.args.lua == "trivial":
+                account = self.accounts[self.seq % len(self.accounts)]
+                await self.trivial([self.engine.keys.account(account)], [self.seq])
+                ok, error = True, ""
+            else:
+                account = self.accounts[self.seq % len(self.accounts)]
+                decision = await self.engine.authorize(
+                    account, common.PREMIUM_NUMBER, "outbound", f"{self.base}.{self.seq}")
+                ok, error = decision.allow, "deny_" + decision.reason.value
+        except Exception as exc:  # noqa: BLE001 - counted, the load goes on
+            ok, error = False, f"redis:{type(exc).__name__}"
+        stats.done(scheduled, launched, ok, error)
+
+    async def run(self, rate: float, duration: float) -> dict:
+        loop = asyncio.get_running_loop()
+        stats = Stats()
+        total = max(1, int(rate * duration))
+        interval = 1.0 / rate
+        pending_tasks: set[asyncio.Task] = set()
+        cpu0, wall0 = gen_cpu(), time.perf_counter()
+        t0 = time.perf_counter() + 0.05
+        stats.first_scheduled = t0
+        i = 0
+        while i < total:
+            now = time.perf_counter()
+            due = t0 + i * interval
+            if due > now:
+                # The event loop's timers have 1 ms resolution: a shorter sleep would spin
+                # (epoll with timeout 0) and eat the CPU the server needs. Wake at least 1 ms
+                # later and start what is due then; the lag this adds is measured.
+                await asyncio.sleep(max(due - now, MIN_SLEEP))
+                continue
+            # Start everything that is due now (after a late wake-up: a burst).
+            while i < total and t0 + i * interval <= now:
+                scheduled = t0 + i * interval
+                launched = time.perf_counter()
+                stats.lag.append(launched - scheduled)
+                if self.target == "redis":
+                    task = loop.create_task(self._redis_op(stats, scheduled, launched))
+                else:
+                    proto = AGICall(stats, self.headers(i), scheduled, launched)
+                    stats.outstanding.add(proto)
+                    task = loop.create_task(self._connect(proto))
+                pending_tasks.add(task)
+                task.add_done_callback(pending_tasks.discard)
+                i += 1
+        schedule_end = time.perf_counter()
+        # Drain: wait for the calls under way, then give up on the stragglers.
+        deadline = schedule_end + DRAIN_TIMEOUT
+        while (stats.outstanding or pending_tasks) and time.perf_counter() < deadline:
+            await asyncio.sleep(0.01)
+        for proto in list(stats.outstanding):
+            proto.abort()
+        for task in list(pending_tasks):
+            task.cancel()
+        if pending_tasks:
+            await asyncio.wait(pending_tasks, timeout=2)
+            stats.errors["timeout"] += sum(1 for t in pending_tasks if t.cancelled())
+        wall = time.perf_counter() - wall0
+        span = max(stats.last_done - t0, 1e-9)
+        lat = summarize(stats.latency)
+        sched = summarize(stats.from_schedule)
+        lag = summarize(stats.lag)
+        errors = sum(stats.errors.values())
+        return {
+            "rate": rate, "duration": duration, "sent": total, "ok": stats.ok,
+            "errors": errors, "error_kinds": dict(stats.errors.most_common(6)),
+            "achieved": stats.ok / span,
+            "schedule_span": schedule_end - t0,
+            "lat_med_ms": lat["median"] * 1e3, "lat_p90_ms": lat["p90"] * 1e3,
+            "lat_p99_ms": lat["p99"] * 1e3, "lat_p999_ms": lat["p999"] * 1e3,
+            "lat_max_ms": lat["max"] * 1e3,
+            "sched_p99_ms": sched["p99"] * 1e3, "sched_max_ms": sched["max"] * 1e3,
+            "lag_p99_ms": lag["p99"] * 1e3, "lag_max_ms": lag["max"] * 1e3,
+            "gen_cpu": (gen_cpu() - cpu0) / wall,
+        }
+
+
+# -- the server under test ---------------------------------------------------------------------
+
+def start_target(args, env: BenchEnv | None) -> Subprocess | None:
+    if args.target == "redis":
+        return None
+    port = args.port or common.free_port()
+    cpu = 1 if args.pin else None
+    if args.target == "callguard":
+        server = serve_asterisk(env, port, cpu=cpu, **common.server_env(args))
+    else:
+        argv = [sys.executable, str(Path(__file__).with_name("minimal_agi.py")),
+                "--port", str(port)] + (["--no-uvloop"] if args.no_uvloop_server else [])
+        extra = common.server_env(args)
+        server = Subprocess(argv, {**os.environ, **extra} if extra else None,
+                            env.tmp / f"minimal-{port}.log", port, cpu=cpu)
+    return server.start()
+
+
+def start_py_spy(path: str | None, server: Subprocess | None, duration: float):
+    if not path or server is None:
+        return None
+    import subprocess
+
+    exe = Path(sys.executable).with_name("py-spy")
+    fmt = {".svg": "flamegraph", ".txt": "raw", ".json": "speedscope"}.get(
+        Path(path).suffix, "raw")
+    proc = subprocess.Popen([str(exe), "record", "--pid", str(server.pid), "--output", path,
+                             "--format", fmt, "--rate", "250", "--nonblocking",
+                             "--duration", str(max(1, int(duration)))],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(0.5)  # let it attach
+    return proc
+
+
+def run_once(gen: Generator, meter_pids: dict, rate: float, duration: float,
+             loop_runner) -> dict:
+    meter = CpuMeter(meter_pids).start()
+    result = loop_runner(gen.run(rate, duration))
+    cpu = meter.stop()
+    result.update({f"cpu_{k}": v for k, v in cpu.items() if k != "wall"})
+    if meter_pids.get("server"):
+        try:
+            result["srv_rss_mb"] = common.proc_status(meter_pids["server"])["VmRSS"] / 1024
+        except OSError:
+            pass
+    if "cpu_server" in result and result["achieved"] > 0:
+        # Server CPU per call: comparable across targets whatever the generator could do.
+        result["srv_us_per_call"] = result["cpu_server"] / result["achieved"] * 1e6
+    result["gen_us_per_call"] = result["gen_cpu"] / max(result["achieved"], 1e-9) * 1e6
+    result["generator_bound"] = bool(result["lag_p99_ms"] > 20 or result["gen_cpu"] > 0.9)
+    return result
+
+
+def sustained(result: dict, max_error_rate: float) -> bool:
+    allowed_errors = max_error_rate * result["sent"]
+    return result["errors"] <= allowed_errors and result["achieved"] >= 0.95 * result["rate"]
+
+
+ROW = ["run", "rate", "sent", "ok", "errors", "achieved", "lat_med_ms", "lat_p99_ms",
+       "lat_max_ms", "sched_p99_ms", "lag_p99_ms", "gen_cpu", "cpu_server", "cpu_server_sys",
+       "srv_us_per_call", "srv_rss_mb", "cpu_redis", "cpu_softirq", "cpu_steal", "cpu_other"]
+
+
+def print_runs(rows: list[dict], title: str) -> None:
+    print_table([{**r, "gen_cpu": r["gen_cpu"], "run": r.get("run", "")} for r in rows],
+                ROW, title)
+    for r in rows:
+        if r["error_kinds"]:
+            print(f"  run {r.get('run')}: errors {r['error_kinds']}")
+        if r["generator_bound"]:
+            print(f"  run {r.get('run')}: GENERATOR-BOUND (lag p99 {r['lag_p99_ms']:.1f} ms, "
+                  f"generator CPU {r['gen_cpu']:.2f}): the figure understates the server")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--target", choices=("callguard", "minimal", "redis"),
+                        default="callguard")
+    parser.add_argument("--rate", type=float, default=1000.0, help="calls per second (1000)")
+    parser.add_argument("--duration", type=float, default=20.0, help="seconds per run (20)")
+    parser.add_argument("--runs", type=int, default=3, help="repeat each measurement (3)")
+    parser.add_argument("--accounts", type=int, default=100,
+                        help="prepaid accounts the calls rotate over (100)")
+    parser.add_argument("--warmup", type=float, default=2.0,
+                        help="seconds of load at min(rate, 500)/s before measuring (2)")
+    parser.add_argument("--pause", type=float, default=2.0, help="seconds between runs (2)")
+    parser.add_argument("--find-max", action="store_true",
+                        help="step the rate up until errors or achieved < 95%% of the rate")
+    parser.add_argument("--start-rate", type=float, default=500.0, help="find-max: first rate")
+    parser.add_argument("--step", type=float, default=250.0,
+                        help="find-max: rate increment per step (250)")
+    parser.add_argument("--max-rate", type=float, default=20000.0, help="find-max: stop here")
+    parser.add_argument("--step-seconds", type=float, default=10.0,
+                        help="find-max: seconds per step (10)")
+    parser.add_argument("--refine", type=int, default=2,
+                        help="find-max: bisection steps between the last good and first bad "
+                             "rate (2)")
+    parser.add_argument("--max-error-rate", type=float, default=0.0,
+                        help="find-max: fraction of errors still counted as sustained (0)")
+    parser.add_argument("--lua", choices=("trivial", "authorize"), default="authorize",
+                        help="redis target: which script each operation runs (authorize)")
+    parser.add_argument("--client", choices=("pipelined", "redis-py"), default="pipelined",
+                        help="redis target: callguard's call-path client (pipelined, one "
+                             "connection, hiredis) or redis-py's pooled asyncio client")
+    parser.add_argument("--port", type=int, default=0, help="FastAGI port (default: a free one)")
+    parser.add_argument("--pin", action="store_true",
+                        help="pin the server to CPU 1 and this generator to CPU 0")
+    parser.add_argument("--no-uvloop", action="store_true", help="generator: plain asyncio")
+    parser.add_argument("--py-spy", metavar="FILE",
+                        help="profile the server with py-spy during the first measured run "
+                             "(FILE.svg flame graph, FILE.txt collapsed stacks for "
+                             "bench/pyspy_top.py, FILE.json speedscope)")
+    parser.add_argument("--no-uvloop-server", action="store_true",
+                        help="minimal target: plain asyncio in the server")
+    common.add_common_args(parser)
+    common.add_server_args(parser)
+    args = parser.parse_args()
+    if args.quick:
+        args.duration = min(args.duration, 5.0)
+        args.runs = min(args.runs, 2)
+        args.step_seconds = min(args.step_seconds, 3.0)
+        args.refine = 0
+        args.warmup = min(args.warmup, 1.0)
+        args.pause = min(args.pause, 1.0)
+        if args.find_max:
+            args.runs = 1
+            args.step = max(args.step, 500.0)
+            args.max_rate = min(args.max_rate, args.start_rate + 3 * args.step)
+
+    common.raise_fd_limit()
+    info = print_machine()
+    uv = False if args.no_uvloop else common.install_uvloop()
+    if args.pin:
+        os.sched_setaffinity(0, {0})
+    print(f"# generator event loop: {'uvloop' if uv else 'asyncio'}; target {args.target}"
+          + (f" (--lua {args.lua}, --client {args.client})" if args.target == "redis" else ""))
+
+    env = BenchEnv(args.redis_url, keep=args.keep)  # a temp dir; Redis/SQL only if set up
+    server = None
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        try:
+            if args.target != "minimal":
+                t = time.perf_counter()
+                env.setup(accounts=args.accounts)
+                print(f"# {args.accounts} accounts set up in {time.perf_counter() - t:.1f} s "
+                      f"(prefix {env.prefix})")
+            server = start_target(args, env)
+            engine = None
+            if args.target == "redis":
+                from callguard.engine.connect import connect_async
+                from callguard.engine.runner import AsyncEngine
+
+                pipelined = None
+                if args.client == "pipelined":
+                    from callguard.engine.pipelined import PipelinedRedis
+
+                    pipelined = PipelinedRedis(env.redis_url)
+                engine = AsyncEngine(connect_async(env.redis_url), env.app.ops(), pipelined)
+
+            gen = Generator(args, args.target, server.port if server else None,
+                            env.accounts if env else [], engine)
+            if engine is not None:
+                script = engine.client.register_script("return 1")
+                gen.trivial = (lambda keys, args: script(keys=keys, args=args))
+                if engine.pipelined is not None:
+                    source, sha = "return 1", script.sha
+                    gen.trivial = (lambda keys, args: engine.pipelined.evalsha(
+                        sha, source, keys, args))
+            pids = {"server": server.pid if server else None,
+                    "redis": common.redis_pid(args.redis_url)}
+            log_before = server.log_lines() if server else 0
+
+            if args.warmup > 0:
+                warm = 500.0 if args.find_max else min(args.rate, 500.0)
+                w = run_once(gen, pids, warm, args.warmup, loop.run_until_complete)
+                print(f"# warm-up: {w['ok']}/{w['sent']} ok, p99 {w['lat_p99_ms']:.2f} ms")
+
+            result = {"bench": "agi_load", "target": args.target, "machine": info,
+                      "lua": args.lua if args.target == "redis" else None,
+                      "client": args.client if args.target == "redis" else None}
+            if args.find_max:
+                result.update(find_max(args, gen, pids, loop))
+            else:
+                rows = []
+                for run in range(args.runs):
+                    if run:
+                        time.sleep(args.pause)
+                    spy = start_py_spy(args.py_spy, server, args.duration) if run == 0 else None
+                    r = run_once(gen, pids, args.rate, args.duration, loop.run_until_complete)
+                    if spy is not None:
+                        spy.wait(30)
+                        print(f"# py-spy profile of the server in run 1: {args.py_spy}")
+                    r["run"] = run + 1
+                    rows.append(r)
+                print_runs(rows, f"{args.target} at {args.rate:g}/s for {args.duration:g} s, "
+                                 f"{args.runs} run(s)")
+                summary = {k: spread([r.get(k, float("nan")) for r in rows]) for k in
+                           ("achieved", "lat_med_ms", "lat_p99_ms", "lat_max_ms", "errors",
+                            "cpu_server", "cpu_server_sys", "srv_us_per_call", "cpu_redis",
+                            "gen_cpu", "gen_us_per_call", "cpu_softirq", "cpu_steal", "cpu_other",
+                            "lag_p99_ms")}
+                print_table([{"metric": k, **v} for k, v in summary.items()],
+                            ["metric", "median", "min", "max"], "median and spread over runs")
+                result.update({"rate": args.rate, "duration": args.duration, "runs": rows,
+                               "summary": summary})
+            if server:
+                new_lines = server.log_lines() - log_before
+                if new_lines:
+                    print(f"# server log: {new_lines} new line(s); last:\n{server.log_tail(5)}")
+                result["server_log_lines"] = new_lines
+        finally:
+            if server:
+                server.stop()
+        if server and args.gc_probe:
+            gc_summary = common.gcprobe_summary(server.log_path)
+            print(f"# server GC: {gc_summary}")
+            result["server_gc"] = gc_summary
+        emit_json(result, args.json_out)
+    finally:
+        deleted = env.cleanup()
+        print(f"# cleaned up {deleted} Redis key(s)")
+        loop.close()
+    return 0
+
+
+def find_max(args, gen: Generator, pids: dict, loop) -> dict:
+    """Step up the rate; report the highest rate sustained (each of --runs searches)."""
+    searches = []
+    for search in range(args.runs):
+        steps, best, bad = [], None, None
+        rate = args.start_rate
+        while rate <= args.max_rate:
+            r = run_once(gen, pids, rate, args.step_seconds, loop.run_until_complete)
+            r["ok_step"] = sustained(r, args.max_error_rate)
+            r["run"] = f"{search + 1}"
+            steps.append(r)
+            _step_line(r)
+            time.sleep(args.pause)
+            if not r["ok_step"]:
+                bad = rate
+                break
+            best = rate
+            rate += args.step
+        lo, hi = best, bad
+        for _ in range(args.refine if lo is not None and hi is not None else 0):
+            mid = round((lo + hi) / 2, -1)
+            if mid in (lo, hi):
+                break
+            r = run_once(gen, pids, mid, args.step_seconds, loop.run_until_complete)
+            r["ok_step"] = sustained(r, args.max_error_rate)
+            r["run"] = f"{search + 1}b"
+            steps.append(r)
+            _step_line(r)
+            time.sleep(args.pause)
+            if r["ok_step"]:
+                lo = mid
+            else:
+                hi = mid
+        best = lo
+        good = [s for s in steps if s["ok_step"] and s["rate"] == best]
+        p99_ok = [st["rate"] for st in steps if st["ok_step"] and st["lat_p99_ms"] < 10]
+        searches.append({"best": best, "first_bad": hi, "steps": steps,
+                         "best_step": good[-1] if good else None,
+                         "best_p99_under_10ms": max(p99_ok) if p99_ok else None})
+        print(f"# search {search + 1}: highest sustained rate {best} /s "
+              f"(first failing {hi})")
+    bests = [s["best"] or 0.0 for s in searches]
+    top = spread(bests)
+    print_table([{"search": i + 1, "best": s["best"] or 0.0, "first_bad": s["first_bad"] or "-",
+                  "best_p99<10ms": s["best_p99_under_10ms"] or "-",
+                  "us_per_call_at_best": (s["best_step"] or {}).get("srv_us_per_call",
+                                                                    float("nan")),
+                  "p99_at_best": (s["best_step"] or {}).get("lat_p99_ms", float("nan")),
+                  "cpu_server": (s["best_step"] or {}).get("cpu_server", float("nan")),
+                  "cpu_redis": (s["best_step"] or {}).get("cpu_redis", float("nan")),
+                  "gen_cpu": (s["best_step"] or {}).get("gen_cpu", float("nan")),
+                  "cpu_other": (s["best_step"] or {}).get("cpu_other", float("nan"))}
+                 for i, s in enumerate(searches)],
+                ["search", "best", "first_bad", "best_p99<10ms", "p99_at_best",
+                 "us_per_call_at_best", "cpu_server", "cpu_redis", "gen_cpu", "cpu_other"],
+                f"find-max {args.target}")
+    print(f"# highest sustained rate: median {top['median']:g}/s "
+          f"(min {top['min']:g}, max {top['max']:g})")
+    return {"find_max": {"searches": searches, "best": top, "step_seconds": args.step_seconds,
+                         "max_error_rate": args.max_error_rate}}
+
+
+def _step_line(r: dict) -> None:
+    flag = "ok  " if r["ok_step"] else "FAIL"
+    extra = " GENERATOR-BOUND" if r["generator_bound"] else ""
+    print(f"  [{flag}] {r['rate']:7.0f}/s achieved {r['achieved']:8.1f}/s errors {r['errors']:5d}"
+          f" p50 {r['lat_med_ms']:6.2f} p99 {r['lat_p99_ms']:7.2f} max {r['lat_max_ms']:7.1f} ms"
+          f" lag p99 {r['lag_p99_ms']:6.2f} ms cpu srv {r.get('cpu_server', 0):.2f}"
+          f" ({r.get('srv_us_per_call', 0):.0f} us/call, sys {r.get('cpu_server_sys', 0):.2f},"
+          f" RSS {r.get('srv_rss_mb', 0):.0f} MB)"
+          f" redis {r.get('cpu_redis', 0):.2f} gen {r['gen_cpu']:.2f}"
+          f" other {r.get('cpu_other', 0):.2f}{extra}"
+          + (f" {r['error_kinds']}" if r["error_kinds"] else ""), flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

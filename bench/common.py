@@ -1,0 +1,554 @@
+"""Shared helpers for the benchmark scripts in bench/.
+
+* `BenchEnv`: a fresh callguard installation on a throwaway Redis key prefix and a
+  throwaway SQLite file under a temp dir (keys and files removed at the end), with a
+  rate plan and N prepaid accounts set up the way the CLI does it.
+* `ServeProcess`: `callguard serve asterisk` as a subprocess of that installation.
+* Process and machine meters (/proc), percentiles, a result table and a JSON line.
+
+Nothing here asserts on timings: the scripts print figures, people judge them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+PREMIUM_PREFIX = "4190"
+PREMIUM_NUMBER = "41901234567"  # matches the premium row: CHF 3.00/min, 1/1
+BIG_BALANCE = 1_000_000 * 1_000_000  # CHF 1,000,000 in micro-units
+
+
+def add_common_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--redis-url", default=DEFAULT_REDIS_URL,
+                        help=f"Redis to use (default {DEFAULT_REDIS_URL}); keys go under a "
+                             "throwaway prefix that is deleted at the end")
+    parser.add_argument("--quick", action="store_true",
+                        help="a short smoke run (well under 30 s of load)")
+    parser.add_argument("--json-out", metavar="FILE",
+                        help="also append the result JSON line to FILE")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the temp dir (serve logs, SQLite file) and the Redis keys")
+
+
+# -- the installation under test ------------------------------------------------------------
+
+class BenchEnv:
+    """A throwaway callguard installation: temp home, SQLite books, Redis key prefix."""
+
+    def __init__(self, redis_url: str = DEFAULT_REDIS_URL, quota: int = 60, keep: bool = False,
+                 node: str = "bench", **settings):
+        from callguard.config import load_settings
+
+        self.keep = keep
+        self.tmp = Path(tempfile.mkdtemp(prefix="callguard-bench-"))
+        self.prefix = "bench" + uuid.uuid4().hex[:10]
+        self.redis_url = redis_url
+        self.db_url = f"sqlite:///{self.tmp / 'books.db'}"
+        self.quota = quota
+        self.settings = load_settings(
+            env={}, home=str(self.tmp / "home"), redis_url=redis_url, database_url=self.db_url,
+            key_prefix=self.prefix, node=node, quota_seconds=quota, **settings)
+        self.accounts: list[str] = []
+        self._app = None
+
+    @property
+    def app(self):
+        if self._app is None:
+            from callguard.books.database import upgrade
+            from callguard.service import App
+
+            self._app = App(self.settings)
+            upgrade(self._app.books.engine)
+        return self._app
+
+    def setup(self, accounts: int = 100, balance: int = BIG_BALANCE,
+              rate_per_min: int = 3_000_000) -> BenchEnv:
+        """Import a plan (premium 4190 at CHF 3.00/min, 1/1 by default; rate 0 makes calls
+        free) and create `accounts` prepaid accounts with `balance` and unlimited channels."""
+        from callguard import service
+        from callguard.rating import Rate
+
+        app = self.app
+        rates = [Rate(PREMIUM_PREFIX, "premium", rate_per_min, 0, 1, 1),
+                 Rate("41", "Switzerland", 100_000, 0, 60, 60)]
+        service.import_plan(app, "default", "outbound", rates)
+        app.plans.replace(app.books.load_plans())
+        for n in range(accounts):
+            account = f"4144{n:07d}"
+            service.create_account(app, account, opening_balance=balance, kind="prepaid",
+                                   max_channels=0)
+            self.accounts.append(account)
+        return self
+
+    def env(self, **extra) -> dict[str, str]:
+        """The environment for a callguard subprocess of this installation."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CALLGUARD_")}
+        env.update({
+            "CALLGUARD_HOME": str(self.tmp / "home"),
+            "CALLGUARD_REDIS_URL": self.redis_url,
+            "CALLGUARD_DATABASE_URL": self.db_url,
+            "CALLGUARD_KEY_PREFIX": self.prefix,
+            "CALLGUARD_NODE": self.settings.node,
+            "CALLGUARD_QUOTA_SECONDS": str(self.quota),
+        })
+        env.update({k: str(v) for k, v in extra.items() if v is not None})
+        return env
+
+    def redis_totals(self) -> dict[str, int]:
+        """Sum of reserved and channels over the accounts, and live session count."""
+        r = self.app.redis
+        pipe = r.pipeline(transaction=False)
+        for a in self.accounts:
+            pipe.hmget(self.app.keys.account(a), "reserved", "channels")
+            pipe.zcard(self.app.keys.live(a))
+        out = pipe.execute()
+        reserved = sum(int(x[0] or 0) for x in out[0::2])
+        channels = sum(int(x[1] or 0) for x in out[0::2])
+        return {"reserved": reserved, "channels": channels, "live": sum(out[1::2])}
+
+    def cleanup(self) -> int:
+        """Delete every key under the prefix and the temp dir; returns keys deleted."""
+        if self.keep:
+            print(f"# kept {self.tmp} and Redis keys {self.prefix}:*", file=sys.stderr)
+            return 0
+        import redis
+
+        deleted = 0
+        client = redis.Redis.from_url(self.redis_url)
+        batch = []
+        for key in client.scan_iter(match=f"{self.prefix}:*", count=5000):
+            batch.append(key)
+            if len(batch) >= 5000:
+                deleted += client.unlink(*batch)
+                batch = []
+        if batch:
+            deleted += client.unlink(*batch)
+        client.close()
+        if self._app is not None:
+            self._app.books.engine.dispose()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        return deleted
+
+    def __enter__(self) -> BenchEnv:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.cleanup()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(host: str, port: int, timeout: float = 30.0, proc=None) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before listening")
+        try:
+            with socket.create_connection((host, port), timeout=0.2):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"nothing listens on {host}:{port} after {timeout} s") from None
+            time.sleep(0.05)
+
+
+class Subprocess:
+    """A server subprocess with its stderr in a log file; stopped with SIGTERM (then SIGKILL)."""
+
+    def __init__(self, argv: list[str], env: dict[str, str] | None, log_path: Path,
+                 port: int, host: str = "127.0.0.1", cpu: int | None = None):
+        self.argv, self.env, self.log_path = argv, env, log_path
+        self.host, self.port, self.cpu = host, port, cpu
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 30.0) -> Subprocess:
+        self.log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(self.argv, env=self.env, stdout=self.log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        if self.cpu is not None:
+            os.sched_setaffinity(self.proc.pid, {self.cpu})
+        # A probe connection: both servers count it as a request that never came.
+        wait_port(self.host, self.port, timeout, self.proc)
+        return self
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def stop(self) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+        self.log.close()
+        return self.proc.returncode
+
+    def log_tail(self, lines: int = 10) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return ""
+        return "\n".join(text[-lines:])
+
+    def log_lines(self) -> int:
+        try:
+            return len(self.log_path.read_text(errors="replace").splitlines())
+        except OSError:
+            return 0
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+GCPROBE_DIR = Path(__file__).resolve().parent / "gcprobe"
+
+
+def add_server_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra environment for the server process (repeatable), e.g. "
+                             "PYTHONPATH=/tmp/scratch to try a patched copy of callguard")
+    parser.add_argument("--gc-probe", action="store_true",
+                        help="record the server's garbage-collector pauses "
+                             "(bench/gcprobe/sitecustomize.py) and print them")
+
+
+def server_env(args) -> dict[str, str]:
+    extra = dict(item.split("=", 1) for item in args.server_env)
+    if args.gc_probe:
+        path = [str(GCPROBE_DIR)] + [p for p in (extra.get("PYTHONPATH")
+                                                 or os.environ.get("PYTHONPATH", "")).split(":")
+                                      if p]
+        extra["PYTHONPATH"] = ":".join(path)
+        extra["CALLGUARD_BENCH_GC_PROBE"] = "1"
+    return extra
+
+
+def gcprobe_summary(log_path: Path) -> dict | None:
+    """The last GCPROBE line of a server log, as a dict."""
+    last = None
+    try:
+        for line in log_path.read_text(errors="replace").splitlines():
+            if line.startswith("GCPROBE "):
+                last = line[8:]
+    except OSError:
+        return None
+    return json.loads(last) if last else None
+
+
+def callguard_argv(*args: str) -> list[str]:
+    exe = Path(sys.executable).with_name("callguard")
+    if exe.exists():
+        return [str(exe), *args]
+    return [sys.executable, "-m", "callguard", *args]
+
+
+def serve_asterisk(env: BenchEnv, port: int, ami_url: str | None = None,
+                   cpu: int | None = None, **extra_env) -> Subprocess:
+    """`callguard serve asterisk` for this installation, FastAGI on 127.0.0.1:port."""
+    e = env.env(CALLGUARD_AGI_BIND=f"127.0.0.1:{port}", CALLGUARD_AMI_URL=ami_url, **extra_env)
+    return Subprocess(callguard_argv("serve", "asterisk"), e,
+                      env.tmp / f"serve-{port}.log", port, cpu=cpu)
+
+
+# -- meters -----------------------------------------------------------------------------------
+
+def proc_cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (all its threads), in seconds."""
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rpartition(")")[2].split()
+    # After the ")" of comm, field 3 (state) is index 0: utime is field 14, stime 15.
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def proc_cpu_split(pid: int) -> tuple[float, float]:
+    """(utime, stime) of a process in seconds: user space, and the kernel on its behalf."""
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rpartition(")")[2].split()
+    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
+
+
+def proc_status(pid: int) -> dict[str, int]:
+    """VmRSS, VmHWM (peak RSS) and Threads of a process, in kB / count."""
+    out = {}
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM", "Threads"):
+                out[key] = int(value.split()[0])
+    return out
+
+
+def machine_busy() -> tuple[float, float, float, float]:
+    """(busy, total, softirq, steal) CPU seconds of the whole machine since boot."""
+    with open("/proc/stat") as fh:
+        parts = fh.readline().split()[1:]
+    values = [int(v) for v in parts]
+    idle = values[3] + values[4]  # idle + iowait
+    total = sum(values[:8])  # guest time is already in user
+    return ((total - idle) / CLK_TCK, total / CLK_TCK, values[6] / CLK_TCK,
+            values[7] / CLK_TCK)
+
+
+def redis_pid(redis_url: str) -> int | None:
+    """The Redis server's pid, if it runs on this machine and we can see it."""
+    import redis
+
+    try:
+        client = redis.Redis.from_url(redis_url)
+        pid = int(client.info("server")["process_id"])
+        client.close()
+    except Exception:  # noqa: BLE001 - a meter; the bench goes on without it
+        return None
+    return pid if Path(f"/proc/{pid}/stat").exists() else None
+
+
+class CpuMeter:
+    """CPU used by named processes and by the whole machine between start() and stop().
+
+    `other` is what the rest of the machine used: a large figure means something else
+    ran at the same time (another test run) and the timings are noisy.
+    """
+
+    def __init__(self, pids: dict[str, int | None]):
+        self.pids = {name: pid for name, pid in pids.items() if pid}
+
+    def _read(self):
+        cpu = {}
+        for name, pid in self.pids.items():
+            try:
+                cpu[name] = proc_cpu_split(pid)
+            except OSError:
+                cpu[name] = (0.0, 0.0)
+        return time.monotonic(), cpu, machine_busy()
+
+    def start(self) -> CpuMeter:
+        self.t0, self.cpu0, self.m0 = self._read()
+        return self
+
+    def stop(self) -> dict[str, float]:
+        """Fraction of one core for each process, the machine ('all') and the rest ('other')."""
+        t1, cpu1, m1 = self._read()
+        wall = max(t1 - self.t0, 1e-9)
+        out = {name: (sum(cpu1[name]) - sum(self.cpu0[name])) / wall for name in self.pids}
+        # The kernel's share (syscalls, loopback TCP) of each process's CPU.
+        out.update({f"{name}_sys": (cpu1[name][1] - self.cpu0[name][1]) / wall
+                    for name in self.pids})
+        out["all"] = (m1[0] - self.m0[0]) / wall
+        # softirq: mostly loopback TCP of the processes measured, not charged to them.
+        # steal: the hypervisor ran something else on our virtual CPUs.
+        out["softirq"] = (m1[2] - self.m0[2]) / wall
+        out["steal"] = (m1[3] - self.m0[3]) / wall
+        out["other"] = max(0.0, out["all"] - sum(out[n] for n in self.pids)
+                           - out["softirq"] - out["steal"])
+        out["wall"] = wall
+        return out
+
+
+# -- statistics and output ---------------------------------------------------------------------
+
+def percentile(values, p: float) -> float:
+    """Linear-interpolated percentile (p in 0..100); nan for no values."""
+    if not values:
+        return float("nan")
+    data = sorted(values)
+    if len(data) == 1:
+        return data[0]
+    k = (len(data) - 1) * p / 100
+    lo = int(k)
+    hi = min(lo + 1, len(data) - 1)
+    return data[lo] + (data[hi] - data[lo]) * (k - lo)
+
+
+def summarize(values) -> dict[str, float]:
+    """count, median, p90, p99, p99.9, max (in the values' unit)."""
+    data = sorted(values)
+    return {
+        "n": len(data),
+        "median": percentile(data, 50),
+        "p90": percentile(data, 90),
+        "p99": percentile(data, 99),
+        "p999": percentile(data, 99.9),
+        "max": data[-1] if data else float("nan"),
+    }
+
+
+def spread(values) -> dict[str, float]:
+    """median, min, max over repeated runs."""
+    data = [v for v in values if v == v]  # drop nan
+    if not data:
+        return {"median": float("nan"), "min": float("nan"), "max": float("nan")}
+    return {"median": statistics.median(data), "min": min(data), "max": max(data)}
+
+
+def fmt(value, digits: int = 2) -> str:
+    if isinstance(value, float):
+        if value != value:
+            return "-"
+        return f"{value:,.{digits}f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def print_table(rows: list[dict], columns: list[str], title: str | None = None,
+                digits: int = 2) -> None:
+    if title:
+        print(f"\n{title}")
+    cells = [[fmt(row.get(c, ""), digits) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) if cells else len(c)
+              for i, c in enumerate(columns)]
+    print("  ".join(c.rjust(w) for c, w in zip(columns, widths, strict=True)))
+    print("  ".join("-" * w for w in widths))
+    for r in cells:
+        print("  ".join(v.rjust(w) for v, w in zip(r, widths, strict=True)))
+    sys.stdout.flush()
+
+
+def emit_json(result: dict, json_out: str | None = None) -> None:
+    line = json.dumps(result, sort_keys=True, default=_json_default)
+    print("RESULT " + line)
+    if json_out:
+        with open(json_out, "a") as fh:
+            fh.write(line + "\n")
+    sys.stdout.flush()
+
+
+def _json_default(value):
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, float):
+        return round(value, 6)
+    return repr(value)
+
+
+def machine_info() -> dict:
+    model = ""
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as fh:
+        for line in fh:
+            if line.startswith("model name"):
+                model = line.partition(":")[2].strip()
+                break
+    try:
+        import uvloop
+        uv = uvloop.__version__
+    except ImportError:
+        uv = None
+    try:
+        import hiredis
+        hi = hiredis.__version__
+    except ImportError:
+        hi = None
+    try:
+        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain",
+                                "--untracked-files=no", "callguard"],
+                               capture_output=True, text=True, timeout=5).stdout.split("\n")
+        dirty = [line[3:] for line in dirty if line.strip()]
+    except (OSError, subprocess.SubprocessError):
+        head, dirty = "", []
+    return {
+        "git": head,
+        "dirty": dirty,
+        "nproc": os.cpu_count(),
+        "affinity": len(os.sched_getaffinity(0)),
+        "cpu_model": model,
+        "python": platform.python_version(),
+        "uvloop": uv,
+        "hiredis": hi,
+        "loadavg": os.getloadavg()[0],
+        "kernel": platform.release(),
+    }
+
+
+def print_machine(info: dict | None = None) -> dict:
+    info = info or machine_info()
+    print(f"# machine: {info['nproc']} CPUs ({info['cpu_model']}), Python {info['python']}, "
+          f"uvloop {info['uvloop']}, hiredis {info['hiredis']}, "
+          f"load average {info['loadavg']:.2f}; callguard at {info['git']}"
+          + (f" with local changes in {', '.join(info['dirty'])}" if info["dirty"] else ""))
+    sys.stdout.flush()
+    return info
+
+
+def install_uvloop() -> bool:
+    """Use uvloop for asyncio.run() in this process where installed."""
+    try:
+        import uvloop
+    except ImportError:
+        return False
+    import asyncio
+
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return True
+
+
+class LoopLag:
+    """How late this process's event loop wakes up (a busy loop delays every measurement)."""
+
+    def __init__(self, interval: float = 0.01):
+        self.interval = interval
+        self.samples: list[float] = []
+        self.task = None
+
+    async def _run(self) -> None:
+        import asyncio
+
+        while True:
+            t = time.perf_counter()
+            await asyncio.sleep(self.interval)
+            self.samples.append(time.perf_counter() - t - self.interval)
+
+    def start(self) -> LoopLag:
+        import asyncio
+
+        self.samples = []
+        self.task = asyncio.ensure_future(self._run())
+        return self
+
+    def stop(self) -> dict[str, float]:
+        if self.task:
+            self.task.cancel()
+        return {k: (v * 1000 if k != "n" else v) for k, v in summarize(self.samples).items()}
+
+
+def raise_fd_limit() -> int:
+    """Soft limit of open files up to the hard limit (inherited by the servers we start)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard

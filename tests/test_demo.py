@@ -1,0 +1,53 @@
+"""`callguard demo` as a newcomer runs it, and the embedded Redis it relies on."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from click.testing import CliRunner
+
+from callguard.cli import cli
+from callguard.engine.connect import ensure_embedded, socket_path, stop_embedded
+
+
+def test_demo_holds_the_bound_and_leaves_nothing_behind(redis_url, tmp_path):
+    env = {"CALLGUARD_HOME": str(tmp_path / "home"), "CALLGUARD_REDIS_URL": redis_url}
+    result = CliRunner().invoke(cli, ["demo", "--speed", "20"], env=env,
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    lines = {line.split("  ")[0]: line for line in result.stdout.splitlines()}
+    assert "CHF 0.00" in lines["loss beyond the CHF balance"]
+    assert "CHF 850.00" in lines["loss beyond the CHF balance"]
+    assert "17 / 13 (13 NO_FUNDS)" in lines["calls allowed / denied"]
+    assert "yes" in lines["books agree with Redis"]
+    assert not (tmp_path / "home").exists()  # its books and keys were temporary
+
+
+def test_embedded_redis_is_shared_by_processes_and_keeps_its_data(tmp_path):
+    """With no CALLGUARD_REDIS_URL, every callguard process joins one server under the
+    state directory; its append-only file keeps balances over a restart."""
+    home = tmp_path / "state"
+    env = {**os.environ, "CALLGUARD_HOME": str(home)}
+    env.pop("CALLGUARD_REDIS_URL", None)
+    env.pop("CALLGUARD_DATABASE_URL", None)
+
+    def callguard(*args):
+        return subprocess.run([sys.executable, "-m", "callguard", *args], env=env,
+                              capture_output=True, text=True, timeout=60)
+
+    try:
+        assert callguard("db", "upgrade").returncode == 0
+        assert callguard("account", "create", "4144", "--prepaid", "--balance", "5").returncode == 0
+        shown = callguard("account", "show", "4144", "--json")  # another process, same server
+        assert '"available": "5.000000"' in shown.stdout
+        assert socket_path(home).exists() and (home / "callguard.db").exists()
+        stop_embedded(home)
+        url = ensure_embedded(home)  # restarted from its data
+        import redis
+
+        keys = redis.Redis.from_url(url).keys("cg:{4144}:acct")
+        assert keys and redis.Redis.from_url(url).hget("cg:{4144}:acct", "balance") == b"5000000"
+    finally:
+        stop_embedded(home)
