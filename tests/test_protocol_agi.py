@@ -381,7 +381,7 @@ def test_request_line_too_long_without_newline() -> None:
     with pytest.raises(ProtocolError):
         for _ in range(100):
             reader.feed(b"agi_x: " + b"y" * 30)
-    assert len(reader._lines.partial) <= 100
+    assert len(reader._partial) <= 100
     reader = AGIRequestReader(max_line=100)
     reader.feed(b"agi_network: " + b"y" * 87 + b"\n")  # exactly 100: fine
 

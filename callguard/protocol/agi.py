@@ -12,7 +12,7 @@ Wire format of Asterisk 22 (transcripts in tests/fixtures/asterisk):
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from urllib.parse import parse_qs
 
@@ -37,6 +37,7 @@ __all__ = [
 MAX_COMMAND_BYTES = 2047
 
 _HEADER_KEY = re.compile(r"agi_[a-z0-9_]+")
+_HEADER_LINE = re.compile(r"^(agi_[a-z0-9_]+): (.*)$", re.MULTILINE)
 _ARG_KEY = re.compile(r"agi_arg_([1-9][0-9]*)")
 _REPLY = re.compile(r"([1-5][0-9][0-9])([ -])(.*)")
 # A variable, or a dialplan function with a simple argument: TIMEOUT(absolute).
@@ -45,33 +46,34 @@ _REQUIRED = ("agi_channel", "agi_uniqueid")
 
 
 class _Lines:
-    """Cuts a byte stream into ``\\n``-terminated lines, enforcing bounds as bytes arrive."""
+    """Cuts a byte stream into ``\\n``-terminated lines, enforcing bounds as bytes arrive.
+
+    A chunk at a time, not a line at a time: the split and the checks run in C.
+    """
 
     def __init__(self, max_line: int) -> None:
         self.max_line = max_line
-        self.partial = bytearray()
+        self.partial = b""
 
-    def split(self, data: bytes) -> Iterator[tuple[bytes, int]]:
-        """Yield each completed line (without ``\\n``) and the offset in data just after it.
+    def split(self, data: bytes) -> list[bytes]:
+        """The lines (without ``\\n``) that data completes; the rest waits for more."""
+        _check_no_cr(data)
+        lines = (self.partial + data).split(b"\n")
+        self.partial = lines.pop()
+        _check_line_lengths(lines, self.partial, self.max_line)
+        return lines
 
-        The tail without ``\\n`` is kept only if the caller drains the iterator.
-        """
-        start = 0
-        while (nl := data.find(b"\n", start)) >= 0:
-            self._append(data, start, nl)
-            line = bytes(self.partial)
-            self.partial.clear()
-            start = nl + 1
-            yield line, start
-        self._append(data, start, len(data))
 
-    def _append(self, data: bytes, start: int, end: int) -> None:
-        # Checked before copying, so a peer that never sends "\n" cannot grow the buffer.
-        if len(self.partial) + end - start > self.max_line:
-            raise ProtocolError(f"AGI line longer than {self.max_line} bytes")
-        if data.find(b"\r", start, end) >= 0:
-            raise ProtocolError("CR in an AGI line (Asterisk ends lines with a bare LF)")
-        self.partial += data[start:end]
+def _check_no_cr(data: bytes) -> None:
+    if b"\r" in data:
+        raise ProtocolError("CR in an AGI line (Asterisk ends lines with a bare LF)")
+
+
+def _check_line_lengths(lines: list[bytes], partial: bytes, max_line: int) -> None:
+    # The unterminated rest is checked as it grows: a peer that never sends "\n" cannot
+    # make it longer than max_line.
+    if len(partial) > max_line or (lines and max(map(len, lines)) > max_line):
+        raise ProtocolError(f"AGI line longer than {max_line} bytes")
 
 
 def _decode(line: bytes) -> str:
@@ -111,7 +113,8 @@ class AGIRequest:
         except ValueError as exc:  # includes UnicodeDecodeError from a bad %-escape
             raise ProtocolError(f"bad AGI script query {query!r}: {exc}") from exc
         params = {key: values[-1] for key, values in parsed.items()}
-        numbers = sorted(int(m[1]) for key in headers if (m := _ARG_KEY.fullmatch(key)))
+        numbers = sorted(int(m[1]) for key in headers
+                         if key.startswith("agi_arg_") and (m := _ARG_KEY.fullmatch(key)))
         if numbers != list(range(1, len(numbers) + 1)):
             raise ProtocolError(f"AGI arguments are not agi_arg_1..N: {numbers}")
         args = [headers[f"agi_arg_{n}"] for n in numbers]
@@ -154,44 +157,74 @@ class AGIRequestReader:
         max_bytes: int = 16384,
         max_params: int = 16,
     ) -> None:
+        self.max_line = max_line
         self.max_headers = max_headers
         self.max_bytes = max_bytes
         self.max_params = max_params
         self.request: AGIRequest | None = None
         self.trailing = b""
-        self._lines = _Lines(max_line)
+        self._partial = b""  # an unterminated line, at most max_line bytes
         self._headers: dict[str, str] = {}
         self._consumed = 0
 
     def feed(self, data: bytes) -> AGIRequest | None:
         if self.request is not None:
             raise RuntimeError("AGI request already complete: feed the reply reader instead")
-        for line, end in self._lines.split(data):
-            self._consumed += len(line) + 1
-            self._check_size()
-            if not line:
-                self.request = AGIRequest.from_headers(self._headers, max_params=self.max_params)
-                self.trailing = data[end:]
-                return self.request
-            self._add(line)
-        self._check_size()
+        data = self._partial + data  # _partial starts a line
+        if data[:1] == b"\n":
+            blank = 0
+        else:
+            blank = data.find(b"\n\n") + 1  # 0: not yet (the blank line is never first here)
+        if blank or data[:1] == b"\n":
+            self._add_lines(data[:blank])
+            self._consumed += 1
+            self._check_size(0)
+            self.request = AGIRequest.from_headers(self._headers, max_params=self.max_params)
+            self.trailing = data[blank + 1 :]
+            return self.request
+        cut = data.rfind(b"\n") + 1
+        partial = data[cut:]
+        _check_no_cr(partial)
+        _check_line_lengths([], partial, self.max_line)
+        self._add_lines(data[:cut])
+        self._check_size(len(partial))
+        self._partial = partial
         return None
 
-    def _check_size(self) -> None:
-        if self._consumed + len(self._lines.partial) > self.max_bytes:
+    def _check_size(self, pending: int) -> None:
+        if self._consumed + pending > self.max_bytes:
             raise ProtocolError(f"AGI request headers exceed {self.max_bytes} bytes")
 
-    def _add(self, line: bytes) -> None:
-        key, sep, value = _decode(line).partition(": ")
-        if not sep:
-            raise ProtocolError(f"AGI header line without ': ': {line[:80]!r}")
-        if not _HEADER_KEY.fullmatch(key):
-            raise ProtocolError(f"not an agi_ header: {key[:80]!r}")
-        if key in self._headers:
-            raise ProtocolError(f"repeated AGI header {key}")
-        if len(self._headers) >= self.max_headers:
+    def _add_lines(self, block: bytes) -> None:
+        """Whole ``agi_key: value\\n`` lines, checked and parsed together."""
+        if not block:
+            return
+        _check_no_cr(block)
+        self._consumed += len(block)
+        self._check_size(0)
+        lines = block[:-1].split(b"\n")
+        _check_line_lengths(lines, b"", self.max_line)
+        text = _decode(block)
+        pairs = _HEADER_LINE.findall(text)
+        if len(pairs) != len(lines):
+            raise _bad_header(text)
+        if len(self._headers) + len(pairs) > self.max_headers:
             raise ProtocolError(f"more than {self.max_headers} AGI headers")
-        self._headers[key] = value
+        expected = len(self._headers) + len(pairs)
+        self._headers.update(pairs)
+        if len(self._headers) != expected:
+            raise ProtocolError("repeated AGI header")
+
+
+def _bad_header(text: str) -> ProtocolError:
+    """The error for the first line of text that is not an ``agi_key: value`` header."""
+    for line in text.splitlines():
+        key, sep, _ = line.partition(": ")
+        if not sep:
+            return ProtocolError(f"AGI header line without ': ': {line[:80]!r}")
+        if not _HEADER_KEY.fullmatch(key):
+            return ProtocolError(f"not an agi_ header: {key[:80]!r}")
+    return ProtocolError("bad AGI header line")
 
 
 # --- replies to our commands ---------------------------------------------------------------
@@ -221,6 +254,7 @@ class AGIHangup:
 
 
 AGIEvent = AGIReply | AGIHangup
+_SET_VARIABLE_OK = AGIReply(200, "1", None, "result=1")
 
 
 class AGIReplyReader:
@@ -234,7 +268,10 @@ class AGIReplyReader:
 
     def feed(self, data: bytes) -> list[AGIEvent]:
         events: list[AGIEvent] = []
-        for line, _ in self._lines.split(data):
+        for line in self._lines.split(data):
+            if line == b"200 result=1" and self._block_code is None:
+                events.append(_SET_VARIABLE_OK)  # nearly every reply we ever get
+                continue
             event = self._line(_decode(line))
             if event is not None:
                 events.append(event)
