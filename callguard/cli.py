@@ -94,6 +94,7 @@ def cli(ctx, config_file, home, redis_url, database_url, verbose):
     except ConfigError as exc:
         raise Refused(str(exc)) from None
     ctx.obj = service.App(settings)
+    ctx.call_on_close(ctx.obj.close)
 
 
 # -- db -------------------------------------------------------------------------

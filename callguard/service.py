@@ -56,6 +56,13 @@ class App:
     def engine(self) -> SyncEngine:
         return SyncEngine(self.redis, self.ops())
 
+    def close(self) -> None:
+        """Release the SQL pool and the Redis connections this App opened."""
+        if "books" in self.__dict__:
+            self.books.engine.dispose()
+        if "redis" in self.__dict__:
+            self.redis.close()
+
 
 # -- accounts ---------------------------------------------------------------
 

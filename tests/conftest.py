@@ -13,6 +13,7 @@ import time
 import uuid
 from pathlib import Path
 
+import hypothesis
 import pytest
 import redis
 from click.testing import CliRunner
@@ -24,6 +25,10 @@ from callguard.engine.connect import ensure_embedded, redis_binary, stop_embedde
 from callguard.service import App
 
 FIXTURES = Path(__file__).with_name("fixtures")
+
+# A loaded 2-core CI machine can stall any example for a moment: no per-example deadline.
+hypothesis.settings.register_profile("callguard", deadline=None)
+hypothesis.settings.load_profile("callguard")
 
 
 def _answers(host: str, port: int) -> bool:
@@ -47,10 +52,22 @@ def single_redis_url(tmp_path_factory):
         stop_embedded(home)
 
 
-def free_port() -> int:
+def free_port(low: int = 10000, high: int = 32000) -> int:
+    """A free loopback port for a server another process starts later: drawn below the
+    kernel's ephemeral range (32768-60999), where no outgoing connection takes it first."""
+    for port in random.sample(range(low, high), 200):
+        if _bindable(port):
+            return port
+    raise RuntimeError("no free port")
+
+
+def _bindable(port: int) -> bool:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
 
 
 @pytest.fixture(scope="session")
@@ -98,21 +115,14 @@ def _stop(procs: list[subprocess.Popen]) -> None:
 
 
 def _cluster_ports(count: int) -> list[int]:
-    """Free ports whose cluster bus ports (port + 10000, fixed by Redis) are free too.
-    Taken below the ephemeral range: Redis refuses a port above 55535, and the
-    kernel hands out ports up to 60999."""
+    """Ports whose cluster bus ports (port + 10000, fixed by Redis) are free too, both below
+    the ephemeral range: Redis refuses a port above 55535."""
     ports: list[int] = []
-    for port in random.sample(range(20000, 30000), 200):
-        try:
-            for candidate in (port, port + 10000):
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", candidate))
-        except OSError:
-            continue
-        ports.append(port)
-        if len(ports) == count:
-            return ports
-    raise ClusterStartFailed("no free ports for a cluster")
+    while len(ports) < count:
+        port = free_port(10000, 22000)
+        if port not in ports and _bindable(port + 10000):
+            ports.append(port)
+    return ports
 
 
 def _start_cluster(binary: str, cli_binary: str, base: Path, procs: list) -> str:
@@ -131,17 +141,20 @@ def _start_cluster(binary: str, cli_binary: str, base: Path, procs: list) -> str
         if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
             raise ClusterStartFailed("cluster nodes did not start")
         time.sleep(0.05)
-    subprocess.run(
-        [cli_binary, "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports),
-         "--cluster-replicas", "0", "--cluster-yes"],
-        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=30,
-    )
-    deadline = time.monotonic() + 15
-    while redis.Redis(port=ports[0], decode_responses=True).cluster("info").get(
-            "cluster_state") != "ok":
-        if time.monotonic() > deadline:
-            raise ClusterStartFailed("cluster did not become ok")
-        time.sleep(0.1)
+    try:
+        subprocess.run(
+            [cli_binary, "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports),
+             "--cluster-replicas", "0", "--cluster-yes"],
+            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=30,
+        )
+        deadline = time.monotonic() + 15
+        while not all(redis.Redis(port=p, decode_responses=True).cluster("info").get(
+                "cluster_state") == "ok" for p in ports):
+            if time.monotonic() > deadline:
+                raise ClusterStartFailed("cluster did not become ok")
+            time.sleep(0.1)
+    except (subprocess.SubprocessError, redis.RedisError) as exc:
+        raise ClusterStartFailed(f"cluster create failed: {exc}") from exc
     return f"redis+cluster://127.0.0.1:{ports[0]}"
 
 
