@@ -20,11 +20,8 @@ import redis
 
 
 def _pack(*parts) -> bytes:
-    out = [b"*%d\r\n" % len(parts)]
-    for part in parts:
-        data = part if isinstance(part, bytes) else str(part).encode()
-        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
-    return b"".join(out)
+    """One RESP command (str, bytes and int parts), packed by hiredis in C."""
+    return hiredis.pack_command(parts)
 
 
 class _Protocol(asyncio.Protocol):
