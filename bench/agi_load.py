@@ -176,6 +176,7 @@ class Generator:
         self.engine = engine  # redis target
         self.base = int(time.time())
         self.seq = 0
+        self.drop_sessions = None  # set when the bench owns the accounts
 
     def headers(self, i: int) -> list[bytes]:
         self.seq += 1
@@ -311,6 +312,8 @@ def run_once(gen: Generator, meter_pids: dict, rate: float, duration: float,
     meter = CpuMeter(meter_pids).start()
     result = loop_runner(gen.run(rate, duration))
     cpu = meter.stop()
+    if gen.drop_sessions is not None:
+        gen.drop_sessions()  # not measured: what the PBX's Hangup events would have closed
     result.update({f"cpu_{k}": v for k, v in cpu.items() if k != "wall"})
     if meter_pids.get("server"):
         try:
@@ -437,6 +440,8 @@ def main() -> int:
 
             gen = Generator(args, args.target, server.port if server else None,
                             env.accounts if env else [], engine)
+            if env.accounts:
+                gen.drop_sessions = env.drop_sessions
             if engine is not None:
                 script = engine.client.register_script("return 1")
                 gen.trivial = (lambda keys, args: script(keys=keys, args=args))

@@ -127,6 +127,21 @@ class BenchEnv:
         channels = sum(int(x[1] or 0) for x in out[0::2])
         return {"reserved": reserved, "channels": channels, "live": sum(out[1::2])}
 
+    def drop_sessions(self) -> int:
+        """Forget every session (no PBX commits them here): the next measurement starts from
+        idle accounts, and the server's sweeper never closes old ones while it is measured."""
+        client = self.app.redis
+        sessions = list(client.scan_iter(match=f"{self.prefix}:*:s:*", count=5000))
+        pipe = client.pipeline(transaction=False)
+        for start in range(0, len(sessions), 5000):
+            pipe.unlink(*sessions[start:start + 5000])
+        keys = self.app.keys
+        for a in self.accounts:
+            pipe.unlink(keys.live(a), keys.events(a))
+            pipe.hset(keys.account(a), mapping={"reserved": 0, "channels": 0})
+        pipe.execute()
+        return len(sessions)
+
     def cleanup(self) -> int:
         """Delete every key under the prefix and the temp dir; returns keys deleted."""
         if self.keep:

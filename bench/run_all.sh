@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run every benchmark of bench/ in sequence, one output file each, for RESULTS-draft.md.
-#   bash bench/run_all.sh OUTDIR          # the full set (about 30 minutes on 2 cores)
+#   bash bench/run_all.sh OUTDIR          # the full set (about 45 minutes on 2 cores)
 #   bash bench/run_all.sh OUTDIR --quick  # every script's --quick smoke run
 set -u
 cd "$(dirname "$0")/.."
@@ -28,8 +28,11 @@ fi
 run callguard-1000 $PY bench/agi_load.py --target callguard --rate 1000 --duration 20 --runs 3
 run minimal-1000 $PY bench/agi_load.py --target minimal --rate 1000 --duration 20 --runs 3
 run redis-authorize-1000 $PY bench/agi_load.py --target redis --lua authorize --rate 1000 --duration 20 --runs 3
-run callguard-findmax $PY bench/agi_load.py --target callguard --find-max --start-rate 500 --step 250 --step-seconds 10 --runs 3
+run callguard-findmax $PY bench/agi_load.py --target callguard --find-max --start-rate 1000 --step 500 --step-seconds 10 --runs 3
 run minimal-findmax $PY bench/agi_load.py --target minimal --find-max --start-rate 1000 --step 1000 --step-seconds 10 --runs 3
-run redis-authorize-findmax $PY bench/agi_load.py --target redis --lua authorize --find-max --start-rate 1000 --step 1000 --step-seconds 10 --runs 3
-run redis-trivial-findmax $PY bench/agi_load.py --target redis --lua trivial --find-max --start-rate 1000 --step 1000 --step-seconds 10 --runs 3
+run redis-authorize-findmax $PY bench/agi_load.py --target redis --lua authorize --find-max --start-rate 2000 --step 2000 --step-seconds 10 --runs 3
+run redis-trivial-findmax $PY bench/agi_load.py --target redis --lua trivial --find-max --start-rate 2000 --step 2000 --step-seconds 10 --runs 3
 run supervise-20000 $PY bench/supervise.py --calls 20000 --quota 60 --duration 150 --gc-probe
+run fraud $PY bench/fraud.py --runs 5
+run fraud-crash $PY bench/fraud.py --crash-at 30
+run fraud-e2e $PY bench/fraud.py --e2e

@@ -202,8 +202,12 @@ def sweep(app: App, now_ms: int | None = None) -> list[str]:
     for session in state.overdue(app.redis, app.keys, state.account_ids(app.redis, app.keys), now):
         charge = app.engine.commit(session, "stale", now, mode="stale")
         if charge.state == "done":
-            log.warning("closed stale session %s (charged %s micro-units)", session, charge.cost)
+            log.info("closed stale session %s (charged %s micro-units)", session, charge.cost)
             closed.append(session)
+    if closed:
+        # One line however many: a PBX that died with 5,000 calls up must not flood the log.
+        log.warning("closed %d stale session(s) that no PBX ended, each charged up to its "
+                    "last grant (first: %s)", len(closed), closed[0])
     return closed
 
 

@@ -46,10 +46,23 @@ def single_redis_url(tmp_path_factory):
         yield os.environ["CALLGUARD_TEST_REDIS_URL"]
     elif _answers("127.0.0.1", 6379):
         yield "redis://127.0.0.1:6379/0"
+        _delete_test_keys("redis://127.0.0.1:6379/0")
     else:
         home = tmp_path_factory.mktemp("embedded-redis")
         yield ensure_embedded(home)
         stop_embedded(home)
+
+
+_KEY_PREFIXES: set[str] = set()  # the prefixes this session's tests used
+
+
+def _delete_test_keys(url: str) -> None:
+    """Leave the machine's Redis as we found it: only this session's prefixes go."""
+    client = redis.Redis.from_url(url)
+    doomed = [key for key in client.scan_iter("t*", count=1000)
+              if key.split(b":", 1)[0].decode(errors="replace") in _KEY_PREFIXES]
+    for start in range(0, len(doomed), 1000):
+        client.delete(*doomed[start:start + 1000])
 
 
 def free_port(low: int = 10000, high: int = 32000) -> int:
@@ -184,9 +197,11 @@ def database_url(request, tmp_path):
 
 @pytest.fixture
 def settings(tmp_path, redis_url, database_url):
+    prefix = "t" + uuid.uuid4().hex[:10]
+    _KEY_PREFIXES.add(prefix)
     return load_settings(
         env={}, home=str(tmp_path / "home"), redis_url=redis_url, database_url=database_url,
-        key_prefix="t" + uuid.uuid4().hex[:10], node="test-node",
+        key_prefix=prefix, node="test-node",
     )
 
 
