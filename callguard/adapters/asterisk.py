@@ -26,6 +26,7 @@ from ..engine import state
 from ..engine.connect import connect_async, is_cluster
 from ..engine.pipelined import PipelinedRedis
 from ..engine.runner import AsyncEngine
+from ..logs import Throttled
 from ..protocol import agi, ami
 from ..protocol.errors import ProtocolError
 from ..supervision import Extend, Hangup, PushDeadline, Supervisor
@@ -49,6 +50,11 @@ class AsteriskAdapter:
         self.allowed = [ipaddress.ip_network(n, strict=False) for n in s.agi_allow]
         self._peer_allowed: dict[str, bool] = {}  # PBXs are few: remember each verdict
         self.metrics: collections.Counter[str] = collections.Counter()
+        # What can happen on every call setup is logged at most once a second each.
+        self.warn_unavailable = Throttled(log)
+        self.warn_fail_open = Throttled(log, logging.ERROR)
+        self.warn_refused = Throttled(log)
+        self.warn_bad_request = Throttled(log)
         self.ami: AMIClient | None = None
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task] = set()  # for ever: AMI, timers, pub/sub
@@ -131,8 +137,9 @@ class AsteriskAdapter:
             async with asyncio.timeout(budget):
                 decision = await self.engine.run(call)
         except (TimeoutError, redis.RedisError, OSError) as exc:
-            log.warning("authorize %s: Redis did not answer in time (%s)", account,
-                        exc or "timeout")
+            self.warn_unavailable("authorize %s: no answer from Redis within %d ms (%s)",
+                                  account, self.settings.agi_budget_ms,
+                                  str(exc) or type(exc).__name__)
             # The script may still run: release what it would reserve.
             self.spawn(self._release_later(f"{account}/{request.uniqueid}"))
             return self._unavailable()
@@ -160,8 +167,8 @@ class AsteriskAdapter:
         decision = unavailable(self.settings.failure_policy, self.settings.fail_open_grant)
         if decision.allow:
             self.metrics["fail_open"] += 1
-            log.error("fail_open: allowing a call for %d s without credit control",
-                      decision.grant)
+            self.warn_fail_open("fail_open: allowing a call for %d s without credit control",
+                                decision.grant)
         return decision
 
     async def _release_later(self, session: str) -> None:
@@ -358,7 +365,8 @@ class AGIConnection(asyncio.Protocol):
         self.transport = transport
         peer = transport.get_extra_info("peername")
         if not self.adapter.peer_allowed(peer[0] if peer else ""):
-            log.warning("FastAGI connection from %s refused (not in agi_allow)", peer)
+            self.adapter.warn_refused("FastAGI connection from %s refused (not in agi_allow)",
+                                      peer)
             self.adapter.metrics["agi_refused"] += 1
             transport.abort()
             return
@@ -382,7 +390,7 @@ class AGIConnection(asyncio.Protocol):
         try:
             request = self.reader.feed(data)
         except ProtocolError as exc:
-            log.warning("bad FastAGI request: %s", exc)
+            self.adapter.warn_bad_request("bad FastAGI request: %s", exc)
             self.adapter.metrics["agi_bad_request"] += 1
             self._reply(denied(Reason.BAD_REQUEST).channel_variables())
             return
