@@ -173,9 +173,11 @@ class AGIRequestReader:
         data = self._partial + data  # _partial starts a line
         if data[:1] == b"\n":
             blank = 0
+        elif (end := data.find(b"\n\n")) >= 0:
+            blank = end + 1
         else:
-            blank = data.find(b"\n\n") + 1  # 0: not yet (the blank line is never first here)
-        if blank or data[:1] == b"\n":
+            blank = -1  # the headers go on
+        if blank >= 0:
             self._add_lines(data[:blank])
             self._consumed += 1
             self._check_size(0)
@@ -210,15 +212,17 @@ class AGIRequestReader:
             raise _bad_header(text)
         if len(self._headers) + len(pairs) > self.max_headers:
             raise ProtocolError(f"more than {self.max_headers} AGI headers")
-        expected = len(self._headers) + len(pairs)
-        self._headers.update(pairs)
-        if len(self._headers) != expected:
-            raise ProtocolError("repeated AGI header")
+        headers = dict(pairs)
+        if len(headers) != len(pairs) or not self._headers.keys().isdisjoint(headers):
+            seen = set(self._headers)
+            key = next(k for k, _ in pairs if k in seen or seen.add(k))
+            raise ProtocolError(f"repeated AGI header {key}")
+        self._headers.update(headers)
 
 
 def _bad_header(text: str) -> ProtocolError:
     """The error for the first line of text that is not an ``agi_key: value`` header."""
-    for line in text.splitlines():
+    for line in text.split("\n"):
         key, sep, _ = line.partition(": ")
         if not sep:
             return ProtocolError(f"AGI header line without ': ': {line[:80]!r}")
