@@ -511,14 +511,20 @@ def find_max(args, gen: Generator, pids: dict, loop) -> dict:
     searches = []
     for search in range(args.runs):
         steps, best, bad = [], None, None
-        rate = args.start_rate
-        while rate <= args.max_rate:
+
+        def step(rate: float, label: str, steps=steps) -> dict:
+            """One measured step of this search, printed and kept."""
             r = run_once(gen, pids, rate, args.step_seconds, loop.run_until_complete)
             r["ok_step"] = sustained(r, args.max_error_rate)
-            r["run"] = f"{search + 1}"
+            r["run"] = label
             steps.append(r)
             _step_line(r)
             time.sleep(args.pause)
+            return r
+
+        rate = args.start_rate
+        while rate <= args.max_rate:
+            r = step(rate, f"{search + 1}")
             if not r["ok_step"]:
                 bad = rate
                 break
@@ -529,12 +535,7 @@ def find_max(args, gen: Generator, pids: dict, loop) -> dict:
             mid = round((lo + hi) / 2, -1)
             if mid in (lo, hi):
                 break
-            r = run_once(gen, pids, mid, args.step_seconds, loop.run_until_complete)
-            r["ok_step"] = sustained(r, args.max_error_rate)
-            r["run"] = f"{search + 1}b"
-            steps.append(r)
-            _step_line(r)
-            time.sleep(args.pause)
+            r = step(mid, f"{search + 1}b")
             if r["ok_step"]:
                 lo = mid
             else:
