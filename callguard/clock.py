@@ -25,6 +25,10 @@ class Clock:
         """Seconds of PBX time, for local timers."""
         return (time.monotonic() - self._t0) * self.speed
 
+    def epoch_ms(self, pbx_seconds: float) -> int:
+        """Wall-clock (epoch) milliseconds of a moment of PBX time."""
+        return self._start_ms + int(pbx_seconds * 1000)
+
     def redis_now(self) -> int | None:
         if not self.simulated:
             return None

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
-import socket
+import re
 import tomllib
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
+NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,63}")
 POLICIES = ("fail_closed", "fail_open")
 
 
@@ -33,9 +34,10 @@ class Settings:
     payment_url: str | None = None
     http_bind: str = "127.0.0.1:9464"
     # Not in CONTRACT.md, named the same way:
-    node: str = field(default_factory=socket.gethostname)
+    node: str | None = None  # None: derived per process (nodes.default_node)
     key_prefix: str = "cg"  # separates installations (or test runs) sharing one Redis
     grace_seconds: int = 2  # added to the PBX's own timeout beyond a grant's end
+    ring_seconds: int = 120  # how long a call may ring before its first grant starts
     stale_grace_seconds: int = 30  # sweeper: a session silent this long past its grant is closed
     agi_allow: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
     agi_budget_ms: int = 300  # every FastAGI request is answered within this
@@ -50,6 +52,10 @@ class Settings:
             raise ConfigError(f"failure policy must be one of {', '.join(POLICIES)}")
         if not 1 <= self.quota_seconds <= 3600:
             raise ConfigError("quota seconds must be between 1 and 3600")
+        if not 1 <= self.ring_seconds <= 3600:
+            raise ConfigError("ring seconds must be between 1 and 3600")
+        if self.node is not None and not NODE_NAME.fullmatch(self.node):
+            raise ConfigError(f"node name {self.node!r}: 1-64 letters, digits and . _ : @ -")
         for name in ("agi_bind", "esl_bind", "http_bind"):
             split_hostport(getattr(self, name))
         return self
@@ -58,7 +64,8 @@ class Settings:
 _ENV = {f.name: "CALLGUARD_" + f.name.upper() for f in fields(Settings)}
 _ENV["home"] = "CALLGUARD_HOME"
 _INTS = {
-    "quota_seconds", "grace_seconds", "stale_grace_seconds", "agi_budget_ms", "fail_open_grant",
+    "quota_seconds", "grace_seconds", "ring_seconds", "stale_grace_seconds", "agi_budget_ms",
+    "fail_open_grant",
 }
 
 

@@ -49,6 +49,9 @@ class Decision:
     grant_end_ms: int = 0  # epoch ms when the grant runs out (0 before answer)
     final: bool = False  # no more slices will be granted
     maxsec: int = 0  # seconds the account could pay now if this were its only call
+    # Seconds from now the PBX may keep an allowed call if it never hears from us again
+    # (its own dead man's switch at setup), 0 for a deny.
+    deadline: int = 0
 
     @property
     def result(self) -> str:
@@ -69,9 +72,11 @@ def denied(reason: Reason, session: str = "") -> Decision:
     return Decision(False, reason, session)
 
 
-def unavailable(policy: str, fail_open_grant: int) -> Decision:
+def unavailable(policy: str, fail_open_grant: int, grace: int) -> Decision:
     """The answer when Redis cannot decide in time (DESIGN.md, failure policy)."""
     if policy == "fail_open":
-        # A short fixed grant, final: only the PBX's own timeout ends the call.
-        return Decision(True, Reason.UNAVAILABLE, "", fail_open_grant, 0, True)
+        # A short fixed grant, final: only the PBX's own timeout ends the call, ringing
+        # included.
+        return Decision(True, Reason.UNAVAILABLE, "", fail_open_grant, 0, True,
+                        deadline=fail_open_grant + grace)
     return denied(Reason.UNAVAILABLE)

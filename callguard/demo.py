@@ -20,7 +20,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import service
+from . import service, sync
 from .adapters.asterisk import AsteriskAdapter
 from .books.database import upgrade
 from .clock import Clock
@@ -97,10 +97,9 @@ async def run_fraud(app: service.App, sc: Scenario, progress=None) -> Outcome:
         await sim.stop()
         if progress:
             await _report(app, sim, progress, once=True)
-    while await asyncio.to_thread(service.drain, app, "demo"):
-        pass
+    await asyncio.to_thread(sync.drain, app, "demo")
     live = state.account_state(app.redis, app.keys, ACCOUNT)
-    agree = not await asyncio.to_thread(service.reconcile, app)
+    agree = not await asyncio.to_thread(sync.reconcile, app)
     denied = collections.Counter(c.variables.get("CALLGUARD_REASON", "NO_ANSWER")
                                  for c in calls if not c.allowed)
     return Outcome(

@@ -1,23 +1,29 @@
-"""Operator operations: each lands in the SQL books first, then in Redis.
-
-Both steps are idempotent, so an operation cut off between them is simply run
-again: SQL recognises the booking, Redis recognises the movement's key.
+"""Operator operations. Each lands in the SQL books first, together with an outbox
+row, and reaches Redis from that outbox: at once when Redis answers, else later
+(the worker, or the next callguard command, applies what is pending). Applying
+is idempotent per ledger entry, so nothing is applied twice, however often it is
+retried or whoever retries it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import uuid
 from dataclasses import dataclass
 from functools import cached_property
 
+import redis
+from sqlalchemy import delete, update
+
+from . import nodes
 from .books.database import make_engine
 from .books.ledger import Booking, Books, BooksError
-from .books.models import Account
+from .books.models import Account, RedisOutbox
 from .config import Settings
 from .engine import state
 from .engine.connect import connect, resolve_url
-from .engine.core import Keys, Ops, Plans, split_session  # noqa: F401 (re-exported)
+from .engine.core import Keys, Ops, Plans, SessionId
 from .engine.runner import SyncEngine
 from .rating import Rate
 
@@ -47,9 +53,10 @@ class App:
     def plans(self) -> Plans:
         return Plans(self.books.load_plans())
 
-    def ops(self) -> Ops:
+    def ops(self, node: str = "") -> Ops:
         s = self.settings
-        return Ops(self.keys, self.plans, quota=s.quota_seconds, node=s.node,
+        return Ops(self.keys, self.plans, quota=s.quota_seconds, node=node,
+                   ring_seconds=s.ring_seconds, grace=s.grace_seconds,
                    stale_grace=s.stale_grace_seconds)
 
     @cached_property
@@ -64,23 +71,73 @@ class App:
             self.redis.close()
 
 
+@dataclass(frozen=True)
+class Applied:
+    """What an operation did: `in_redis` False means booked, Redis still to follow."""
+
+    in_redis: bool
+    now: int = 0  # outbox rows applied by this call (earlier attempts' included)
+    error: str = ""
+
+
+# -- the outbox into Redis -------------------------------------------------------
+
+def apply_outbox(app: App, account: str | None = None, limit: int = 500) -> int:
+    """Apply pending settings and movements to Redis, oldest first; returns how many.
+    Raises a Redis error when Redis cannot take them (they stay pending)."""
+    done = 0
+    for row_id, account_id, entry, amount in app.books.outbox(account, limit):
+        if _apply_one(app, row_id, account_id, entry, amount):
+            done += 1
+    return done
+
+
+def _apply_one(app: App, row_id: int, account_id: str, entry: int | None,
+               amount: int | None) -> bool:
+    with app.books.session.begin() as db:
+        # Claim the row with a write: it locks the row (the database on SQLite), so two
+        # appliers never both apply it; 0 rows: someone else has just done it.
+        claimed = db.execute(update(RedisOutbox).where(RedisOutbox.id == row_id)
+                             .values(account=RedisOutbox.account)).rowcount
+        if not claimed:
+            return False
+        if entry is None:
+            state.push_account(app.redis, app.keys, db.get(Account, account_id))
+        else:
+            try:
+                app.engine.credit(account_id, amount, entry)
+            except redis.ResponseError as exc:
+                if "unknown account" not in str(exc):
+                    raise
+                raise BooksError(f"account {account_id} is not in Redis (Redis lost its data?):"
+                                 " run `callguard rebuild --yes`") from None
+        db.execute(delete(RedisOutbox).where(RedisOutbox.id == row_id))
+    if entry is not None:
+        # The books no longer list the movement, so nothing will apply it again.
+        app.redis.delete(app.keys.marker(account_id, entry))
+    return True
+
+
+def _apply_now(app: App, account: str) -> Applied:
+    try:
+        return Applied(True, apply_outbox(app, account))
+    except (redis.RedisError, OSError, BooksError) as exc:
+        log.debug("outbox for %s stays pending", account, exc_info=True)
+        return Applied(False, error=str(exc) or type(exc).__name__)
+
+
 # -- accounts ---------------------------------------------------------------
 
-def create_account(app: App, account_id: str, opening_balance: int = 0, **values) -> Account:
+def create_account(app: App, account_id: str, opening_balance: int = 0,
+                   **values) -> tuple[Account, Applied]:
     plan = values.get("plan") or "default"
     if plan != "default" and not app.books.plan_exists(plan):
         raise BooksError(f"unknown rate plan {plan}")
-    row = app.books.create_account(account_id, **values)
-    if opening_balance:
-        # The opening balance is a ledger entry like any other: balance = sum(ledger).
-        app.books.book(account_id, "topup", opening_balance, f"open:{account_id}",
-                       reference="opening balance")
-    row = app.books.get_account(account_id)
-    state.push_account(app.redis, app.keys, row)
-    return row
+    row = app.books.create_account(account_id, opening_balance, **values)
+    return row, _apply_now(app, account_id)
 
 
-def update_account(app: App, account_id: str, **changes) -> Account:
+def update_account(app: App, account_id: str, **changes) -> tuple[Account, Applied]:
     plan = changes.get("plan")
     if plan and plan != "default" and not app.books.plan_exists(plan):
         raise BooksError(f"unknown rate plan {plan}")
@@ -88,39 +145,85 @@ def update_account(app: App, account_id: str, **changes) -> Account:
     if "credit_limit" in changes and row.kind != "postpaid":
         raise BooksError(f"account {account_id} is prepaid: it has no credit limit")
     row = app.books.update_account(account_id, **changes)
-    state.push_account(app.redis, app.keys, row)
-    return row
+    return row, _apply_now(app, account_id)
 
 
-def move_money(app: App, account_id: str, kind: str, amount: int, ref: str | None) -> Booking:
-    """A top-up (prepaid) or a payment (postpaid): both raise the balance."""
+MOVEMENTS = {"topup": "prepaid", "payment": "postpaid", "adjustment": None}
+
+
+def move_money(app: App, account_id: str, kind: str, amount: int,
+               ref: str | None) -> tuple[Booking, Applied]:
+    """A top-up (prepaid) or a payment (postpaid) raises the balance; an adjustment moves
+    it either way. The same `ref` is booked once, for ever."""
     row = app.books.get_account(account_id)
-    wanted = "prepaid" if kind == "topup" else "postpaid"
-    if row.kind != wanted:
+    wanted = MOVEMENTS[kind]
+    if wanted and row.kind != wanted:
         verb = "top up" if kind == "topup" else "take a payment on"
         raise BooksError(f"cannot {verb} {row.kind} account {account_id}"
                          f" (use {'payment' if kind == 'topup' else 'topup'})")
-    if amount <= 0:
+    if amount == 0 or (wanted and amount < 0):
         raise BooksError("amount must be greater than zero")
-    key = f"{kind}:{account_id}:{ref}" if ref else f"{kind}:{account_id}:{uuid.uuid4()}"
-    booking = app.books.book(account_id, kind, amount, key, reference=ref)
-    state.push_account(app.redis, app.keys, row)  # in case Redis never saw this account
-    app.engine.credit(account_id, booking.amount, key)
-    return booking
+    booking = app.books.book(account_id, kind, amount, movement_key(kind, account_id, ref),
+                             reference=ref)
+    return booking, _apply_now(app, account_id)
 
+
+def movement_key(kind: str, account: str, ref: str | None) -> str:
+    """The idempotency key: the reference itself, or its digest when it would not fit."""
+    if ref is None:
+        return f"{kind}:{account}:{uuid.uuid4()}"
+    key = f"{kind}:{account}:{ref}"
+    if len(key) > 200:
+        key = f"{kind}:{account}:sha256:{hashlib.sha256(ref.encode()).hexdigest()}"
+    return key
+
+
+# -- calls --------------------------------------------------------------------
 
 def live_sessions(app: App, account: str | None = None) -> list[dict]:
-    accounts = [account] if account else state.account_ids(app.redis, app.keys)
-    return state.live_sessions(app.redis, app.keys, accounts)
+    return state.live_sessions(app.redis, app.keys, account)
 
 
 def kill(app: App, sessions: list[str]) -> int:
     """Ask whichever adapter holds these sessions to hang them up; returns listeners."""
     for session in sessions:
-        split_session(session)
+        SessionId.parse(session)
     if not sessions:
         return 0
     return app.redis.publish(app.keys.kill_channel, " ".join(sessions))
+
+
+def sweep(app: App, now_ms: int | None = None, node: str | None = None,
+          skip: frozenset[str] = frozenset()) -> list[str]:
+    """Close sessions whose PBX went silent past their deadline, each charged up to its
+    last grant. With `node`, only that node's own (a serve process sweeping itself);
+    without, those of nodes no process holds (the worker): a live node's sessions are its
+    own to commit, with the real end time it may still be retrying to write."""
+    now = now_ms if now_ms is not None else redis_now_ms(app.redis)
+    overdue = [s for s in state.live_sessions(app.redis, app.keys, overdue_at=now)
+               if s["session"] not in skip]
+    if node is None:
+        alive = nodes.live_nodes(app.redis, app.keys, {s.get("node", "") for s in overdue})
+        overdue = [s for s in overdue if s.get("node", "") not in alive]
+    else:
+        overdue = [s for s in overdue if s.get("node") == node]
+    closed = []
+    for s in overdue:
+        charge = app.engine.commit(s["session"], "stale", now, mode="stale")
+        if charge.state == "done":
+            log.info("closed stale session %s (charged %s micro-units)", s["session"],
+                     charge.cost)
+            closed.append(s["session"])
+    if closed:
+        # One line however many: a PBX that died with 5,000 calls up must not flood the log.
+        log.warning("closed %d stale session(s) that no PBX ended, each charged up to its "
+                    "last grant (first: %s)", len(closed), closed[0])
+    return closed
+
+
+def redis_now_ms(client) -> int:
+    seconds, micros = client.time()
+    return seconds * 1000 + micros // 1000
 
 
 # -- rate plans ---------------------------------------------------------------
@@ -135,141 +238,3 @@ def import_plan(app: App, name: str, direction: str, rates: list[Rate]) -> int:
 
 def version_stamp(app: App) -> str:
     return ",".join(f"{k}={v}" for k, v in sorted(app.books.plan_versions().items()))
-
-
-# -- books and Redis in step ----------------------------------------------------
-
-@dataclass
-class Difference:
-    account: str
-    field: str
-    books: str
-    redis: str
-
-
-def cdr_from_event(fields: dict) -> dict:
-    account, channel = split_session(fields["session"])
-    return {
-        "session": fields["session"], "account": account, "channel": channel,
-        "node": fields.get("node", ""), "direction": fields["dir"], "destination": fields["dst"],
-        "prefix": fields.get("pfx", ""), "rate_per_min": int(fields["r"]),
-        "connect_fee": int(fields["cf"]), "initial_increment": int(fields["i"]),
-        "subsequent_increment": int(fields["s"]), "setup_ms": int(fields["setup"]),
-        "answer_ms": int(fields["ans"]) if fields.get("ans") else None,
-        "end_ms": int(fields["end"]), "duration": int(fields["dur"]),
-        "billed": int(fields["billed"]), "cost": int(fields["cost"]),
-        "cause": fields.get("cause", ""),
-    }
-
-
-def drain(app: App, consumer: str, pending: bool = False, count: int = 500) -> int:
-    """Book commit events into SQL; acknowledge (and delete) each only after its commit.
-
-    pending=True re-reads what this consumer took but never acknowledged (a crash
-    between the SQL commit and the XACK): booking is idempotent, so it is safe.
-    """
-    r, keys = app.redis, app.keys
-    accounts = state.account_ids(r, keys)
-    pipe = r.pipeline(transaction=False)
-    for account in accounts:
-        pipe.xreadgroup(state.GROUP, consumer, {keys.events(account): "0" if pending else ">"},
-                        count=count)
-    done = 0
-    for account, reply in zip(accounts, pipe.execute(raise_on_error=False), strict=True):
-        if isinstance(reply, Exception):
-            if "NOGROUP" in str(reply):
-                state.ensure_group(r, keys, account)
-                continue
-            raise reply
-        for _stream, entries in reply or []:
-            ids = []
-            for entry_id, fields in entries:
-                if fields and fields.get("type") == "commit":
-                    app.books.record_call(cdr_from_event(fields))
-                ids.append(entry_id)
-            if ids:
-                stream = keys.events(account)
-                r.xack(stream, state.GROUP, *ids)
-                r.xdel(stream, *ids)
-                done += len(ids)
-    return done
-
-
-def sweep(app: App, now_ms: int | None = None) -> list[str]:
-    """Close sessions whose PBX went silent; they are charged up to their last grant."""
-    now = now_ms if now_ms is not None else redis_now_ms(app.redis)
-    closed = []
-    for session in state.overdue(app.redis, app.keys, state.account_ids(app.redis, app.keys), now):
-        charge = app.engine.commit(session, "stale", now, mode="stale")
-        if charge.state == "done":
-            log.info("closed stale session %s (charged %s micro-units)", session, charge.cost)
-            closed.append(session)
-    if closed:
-        # One line however many: a PBX that died with 5,000 calls up must not flood the log.
-        log.warning("closed %d stale session(s) that no PBX ended, each charged up to its "
-                    "last grant (first: %s)", len(closed), closed[0])
-    return closed
-
-
-def redis_now_ms(client) -> int:
-    seconds, micros = client.time()
-    return seconds * 1000 + micros // 1000
-
-
-def reconcile(app: App) -> list[Difference]:
-    """Compare every account in SQL with Redis; charges still in the stream count as booked."""
-    diffs: list[Difference] = []
-    rows = {row.id: row for row in app.books.list_accounts()}
-    ids = sorted(set(rows) | set(state.account_ids(app.redis, app.keys)))
-    for account in ids:
-        row = rows.get(account)
-        live = state.account_state(app.redis, app.keys, account)
-        if row is None or live is None:
-            diffs.append(Difference(account, "exists", str(row is not None), str(live is not None)))
-            continue
-        ledger = app.books.ledger_sum(account)
-        if ledger != row.balance:
-            diffs.append(Difference(account, "balance vs ledger", str(row.balance), str(ledger)))
-        pending = sum(int(e["cost"]) for e in state.undrained_commits(app.redis, app.keys, account))
-        if row.balance - pending != live["balance"]:
-            diffs.append(Difference(account, "balance", str(row.balance - pending),
-                                    str(live["balance"])))
-        for name, value in state.account_fields(row).items():
-            if str(value) != str(live.get(name, "")):
-                diffs.append(Difference(account, name, str(value), str(live.get(name, ""))))
-    return diffs
-
-
-def rebuild(app: App) -> int:
-    """Reload Redis from the books, e.g. after Redis lost its data.
-
-    Balances become the books' minus charges still waiting in the stream; live
-    reservations and channel counts are left to the sessions that hold them.
-    """
-    count = 0
-    for row in app.books.list_accounts():
-        pending = sum(int(e["cost"])
-                      for e in state.undrained_commits(app.redis, app.keys, row.id))
-        state.push_account(app.redis, app.keys, row, balance=row.balance - pending)
-        # Movements retried after the rebuild must not be applied a second time.
-        for entry in app.books.ledger(row.id):
-            if entry.kind != "call_charge":
-                app.redis.set(app.keys.marker(row.id, entry.idempotency_key), 1,
-                              ex=90 * 86400)
-        count += 1
-    app.redis.set(app.keys.plans_version, version_stamp(app))
-    return count
-
-
-def claim_abandoned(app: App, consumer: str, idle_ms: int = 60_000) -> int:
-    """Take over entries another worker read but never acknowledged (it died)."""
-    claimed = 0
-    for account in state.account_ids(app.redis, app.keys):
-        try:
-            _next, entries, *_ = app.redis.xautoclaim(
-                app.keys.events(account), state.GROUP, consumer, idle_ms, "0-0", count=1000)
-        except Exception as exc:  # noqa: BLE001 - NOGROUP on an account never seen: skip it
-            log.debug("xautoclaim %s: %s", account, exc)
-            continue
-        claimed += len(entries)
-    return claimed

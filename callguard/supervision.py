@@ -1,6 +1,7 @@
 """When to extend a call, when to cut it off, and what deadline the PBX itself
-must enforce. Pure: the caller passes the time in and carries out the actions,
-so Asterisk (asyncio) and FreeSWITCH (gevent) share every rule here.
+must enforce. Pure: the caller passes the time in and carries out the actions
+it returns. This is the only code that changes a supervised call's state, for
+every PBX.
 """
 
 from __future__ import annotations
@@ -8,9 +9,22 @@ from __future__ import annotations
 import heapq
 from dataclasses import dataclass, field
 from decimal import Decimal
+from enum import Enum
 
 from .decisions import CUTOFF_CAUSE
 from .engine.core import Grant
+
+
+class CallState(Enum):
+    RINGING = "ringing"  # authorised, not answered
+    ANSWERING = "answering"  # the PBX said it was answered; Redis has not replied yet
+    TALKING = "talking"  # the grant runs
+
+
+class TimerKind(Enum):
+    EXTEND = "extend"
+    CUTOFF = "cutoff"  # the end of a final grant
+    EXPIRE = "expire"  # the PBX's own timeout has ended a call that never answered
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,12 +43,19 @@ class Extend:
 
 @dataclass(frozen=True, slots=True)
 class Hangup:
+    session: str
     channel: str
     cause: int = CUTOFF_CAUSE
 
 
-Action = PushDeadline | Extend | Hangup
-RING_ALLOWANCE = 120  # seconds a call may ring before its first grant starts
+@dataclass(frozen=True, slots=True)
+class Release:
+    """Free a call that never answered (its reservation and its channel)."""
+
+    session: str
+
+
+Action = PushDeadline | Extend | Hangup | Release
 
 
 @dataclass(slots=True)
@@ -42,10 +63,12 @@ class Tracked:
     session: str
     channel_id: str  # Asterisk Uniqueid / FreeSWITCH Unique-ID
     channel: str  # what the PBX's actions name: Asterisk channel name / FreeSWITCH uuid
+    state: CallState = CallState.RINGING
     grant: int = 0
-    answered: bool = False
     final: bool = False
     deadline: float = 0.0  # local clock, seconds: when the grant runs out
+    expires: float = 0.0  # local clock: when a call still ringing is given up
+    cut_ms: int | None = None  # when we hung it up ourselves (Redis clock): bill to then
 
 
 @dataclass
@@ -54,7 +77,6 @@ class Supervisor:
     lead: float = 5.0  # extend this long before the slice ends
     grace: int = 2  # the PBX's own deadline lies this far beyond the grant
     retry: float = 0.5  # a failed extend is retried this often until the grant ends
-    ring_timeout: float = 600.0  # a call not answered by then is forgotten (the sweeper frees it)
     sessions: dict[str, Tracked] = field(default_factory=dict)
     by_channel_id: dict[str, str] = field(default_factory=dict)
     _timers: list = field(default_factory=list)  # (when, seq, session, grant, kind)
@@ -64,76 +86,101 @@ class Supervisor:
         # Short slices (tests, demos) extend halfway through, never before they start.
         self.lead = min(self.lead, self.quota / 2)
 
-    def setup_deadline(self, grant: int) -> int:
-        """Seconds the PBX may keep a just-authorised call if it never hears from us
-        again: ringing, then the first grant, then the grace."""
-        return RING_ALLOWANCE + grant + self.grace
-
-    def track(self, session: str, channel_id: str, channel: str, now: float) -> Tracked:
-        tracked = Tracked(session, channel_id, channel)
-        self.sessions[session] = tracked
-        self.by_channel_id[channel_id] = session
-        # A lost Hangup event must not keep a never-answered call in memory for ever.
-        self._schedule(now + self.ring_timeout, tracked, "expire")
+    def track(self, session: str, channel_id: str, channel: str, expires: float) -> Tracked:
+        """Supervise a session until the PBX reports its end; `expires` is when it is given
+        up if it never answers. A new session on a channel replaces the one before it
+        (Redis ended that one when it authorised this one)."""
+        old = self.find(channel_id)
+        if old is not None and old.session != session:
+            self.forget(old.session)
+        tracked = self.sessions.get(session)
+        if tracked is None:
+            tracked = Tracked(session, channel_id, channel)
+            self.sessions[session] = tracked
+            self.by_channel_id[channel_id] = session
+        tracked.expires = expires
+        self._schedule(expires, tracked, TimerKind.EXPIRE)
         return tracked
 
     def find(self, channel_id: str) -> Tracked | None:
         session = self.by_channel_id.get(channel_id)
         return self.sessions.get(session) if session else None
 
-    def forget(self, session: str) -> Tracked | None:
-        tracked = self.sessions.pop(session, None)
-        if tracked:
-            self.by_channel_id.pop(tracked.channel_id, None)
+    def answered(self, channel_id: str) -> str | None:
+        """The PBX answered the channel: the session to tell Redis about, once."""
+        tracked = self.find(channel_id)
+        if tracked is None or tracked.state is not CallState.RINGING:
+            return None
+        tracked.state = CallState.ANSWERING
+        return tracked.session
+
+    def hung_up(self, channel_id: str) -> Tracked | None:
+        """The PBX ended the channel: the session to commit, now forgotten."""
+        tracked = self.find(channel_id)
+        if tracked is not None:
+            self.forget(tracked.session)
         return tracked
 
-    def granted(self, session: str, grant: Grant, now: float) -> list[Action]:
-        """Carry out an answer's or an extend's reply."""
+    def forget(self, session: str) -> Tracked | None:
+        tracked = self.sessions.pop(session, None)
+        if tracked and self.by_channel_id.get(tracked.channel_id) == session:
+            del self.by_channel_id[tracked.channel_id]
+        return tracked
+
+    def granted(self, session: str, grant: Grant, now: float,
+                resumed: bool = False) -> list[Action]:
+        """Carry out an answer's or an extend's reply. `resumed`: after a reconnect or a
+        restart, push the PBX's deadline again even if the grant did not change."""
         tracked = self.sessions.get(session)
-        if tracked is None:
+        if tracked is None or grant.state == "auth":
             return []
-        if grant.state == "auth":
-            return []  # still ringing: the clock has not started
+        if grant.state == "superseded":
+            self.forget(session)  # a later call on the channel is supervised instead
+            return []
         if not grant.live:
             # Redis no longer supervises this call (swept, killed, lost): it must not go on.
             self.forget(session)
-            return [Hangup(tracked.channel)]
-        changed = grant.grant != tracked.grant or not tracked.answered
-        tracked.answered = True
+            return [Hangup(session, tracked.channel)]
+        changed = resumed or grant.grant != tracked.grant or tracked.state is not CallState.TALKING
+        tracked.state = CallState.TALKING
         tracked.grant, tracked.final = grant.grant, grant.final
         tracked.deadline = now + grant.left_ms / 1000
         if grant.final:
-            self._schedule(tracked.deadline, tracked, "hangup")
+            self._schedule(tracked.deadline, tracked, TimerKind.CUTOFF)
         elif changed:
-            self._schedule(tracked.deadline - self.lead, tracked, "extend")
+            self._schedule(tracked.deadline - self.lead, tracked, TimerKind.EXTEND)
         else:
             # Asked too early or raced another extend: try again closer to the end.
             self._schedule(max(now + self.retry, tracked.deadline - self.lead / 2), tracked,
-                           "extend")
+                           TimerKind.EXTEND)
         if not changed:
             return []
         left = Decimal(max(grant.left_ms, 0)).scaleb(-3)
         return [PushDeadline(tracked.channel, left + self.grace)]
 
     def extend_failed(self, session: str, now: float) -> None:
-        """Redis did not answer: retry until the grant runs out; the PBX's deadline holds."""
+        """Redis or the PBX link is away: retry until the grant runs out; the PBX's own
+        deadline holds meanwhile."""
         tracked = self.sessions.get(session)
         if tracked and now + self.retry < tracked.deadline:
-            self._schedule(now + self.retry, tracked, "extend")
+            self._schedule(now + self.retry, tracked, TimerKind.EXTEND)
 
     def due(self, now: float) -> list[Action]:
         actions: list[Action] = []
         while self._timers and self._timers[0][0] <= now:
-            _, _, session, grant, kind = heapq.heappop(self._timers)
+            when, _, session, grant, kind = heapq.heappop(self._timers)
             tracked = self.sessions.get(session)
-            if tracked is None or tracked.grant != grant:
-                continue  # superseded by a later grant
-            if kind == "hangup":
-                # Still tracked: the PBX's hangup event commits the session.
-                actions.append(Hangup(tracked.channel))
-            elif kind == "expire":
-                if not tracked.answered:
+            if tracked is None:
+                continue
+            if kind is TimerKind.EXPIRE:
+                if tracked.state is CallState.RINGING and when == tracked.expires:
                     self.forget(session)
+                    actions.append(Release(session))
+            elif tracked.grant != grant:
+                continue  # superseded by a later grant
+            elif kind is TimerKind.CUTOFF:
+                # Still tracked: the PBX's hangup event commits the session.
+                actions.append(Hangup(session, tracked.channel))
             else:
                 actions.append(Extend(session, grant))
         return actions
@@ -141,6 +188,6 @@ class Supervisor:
     def next_due(self) -> float | None:
         return self._timers[0][0] if self._timers else None
 
-    def _schedule(self, when: float, tracked: Tracked, kind: str) -> None:
+    def _schedule(self, when: float, tracked: Tracked, kind: TimerKind) -> None:
         self._seq += 1
         heapq.heappush(self._timers, (when, self._seq, tracked.session, tracked.grant, kind))

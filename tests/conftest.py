@@ -5,7 +5,6 @@ the same redis-server binary. Every test gets its own key prefix and schema."""
 from __future__ import annotations
 
 import os
-import random
 import shutil
 import socket
 import subprocess
@@ -23,6 +22,8 @@ from callguard.cli import cli
 from callguard.config import load_settings
 from callguard.engine.connect import ensure_embedded, redis_binary, stop_embedded
 from callguard.service import App
+
+from servers import RedisServer, bindable, free_port
 
 FIXTURES = Path(__file__).with_name("fixtures")
 
@@ -65,22 +66,12 @@ def _delete_test_keys(url: str) -> None:
         client.delete(*doomed[start:start + 1000])
 
 
-def free_port(low: int = 10000, high: int = 32000) -> int:
-    """A free loopback port for a server another process starts later: drawn below the
-    kernel's ephemeral range (32768-60999), where no outgoing connection takes it first."""
-    for port in random.sample(range(low, high), 200):
-        if _bindable(port):
-            return port
-    raise RuntimeError("no free port")
-
-
-def _bindable(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-        return True
+@pytest.fixture
+def private_redis(tmp_path):
+    """A redis-server of this test's own, to pause, kill and restart."""
+    server = RedisServer(tmp_path / "private-redis").start()
+    yield server
+    server.kill()
 
 
 @pytest.fixture(scope="session")
@@ -133,7 +124,7 @@ def _cluster_ports(count: int) -> list[int]:
     ports: list[int] = []
     while len(ports) < count:
         port = free_port(10000, 22000)
-        if port not in ports and _bindable(port + 10000):
+        if port not in ports and bindable(port + 10000):
             ports.append(port)
     return ports
 

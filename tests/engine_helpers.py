@@ -21,13 +21,18 @@ def setup_plan(app, rates=(PREMIUM, NATIONAL, MOBILE, BLOCKED), name="default",
 
 
 def prepaid(app, account="41441234567", balance=50_000_000, max_channels=0, **values):
-    return service.create_account(app, account, opening_balance=balance, kind="prepaid",
-                                  max_channels=max_channels, **values)
+    row, applied = service.create_account(app, account, opening_balance=balance,
+                                          kind="prepaid", max_channels=max_channels, **values)
+    assert applied.in_redis
+    return row
 
 
 def postpaid(app, account="4144555", credit_limit=300_000_000, max_channels=0, **values):
-    return service.create_account(app, account, kind="postpaid", credit_limit=credit_limit,
-                                  max_channels=max_channels, **values)
+    row, applied = service.create_account(app, account, kind="postpaid",
+                                          credit_limit=credit_limit, max_channels=max_channels,
+                                          **values)
+    assert applied.in_redis
+    return row
 
 
 def snapshot(app, account):

@@ -49,7 +49,9 @@ def test_embedded_redis_is_shared_by_processes_and_keeps_its_data(tmp_path):
         url = ensure_embedded(home)  # restarted from its data
         import redis
 
-        keys = redis.Redis.from_url(url).keys("cg:{4144}:acct")
-        assert keys and redis.Redis.from_url(url).hget("cg:{4144}:acct", "balance") == b"5000000"
+        from callguard.engine.core import Keys
+
+        acct = Keys("cg").account("4144")
+        assert redis.Redis.from_url(url).hget(acct, "balance") == b"5000000"
     finally:
         stop_embedded(home)

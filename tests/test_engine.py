@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from callguard import service
+from callguard import service, sync
 from callguard.decisions import Reason
-from callguard.engine.core import session_id
+from callguard.engine import state
+from callguard.engine.core import SHARDS, shard_of
 
 from engine_helpers import PREMIUM, T0, postpaid, prepaid, setup_plan, snapshot
 
@@ -30,7 +31,7 @@ def test_allow_reserves_first_slice_and_takes_a_channel(app, eng):
     prepaid(app)
     d = eng.authorize("41441234567", "+41901234567", "outbound", "c1", now_ms=T0)
     assert (d.allow, d.reason, d.grant, d.final) == (True, Reason.OK, 60, False)
-    assert d.session == "41441234567/c1"
+    assert d.session == "41441234567/c1/1"  # account / channel / attempt
     assert d.maxsec == 1000  # CHF 50 at CHF 3/min, 1/1 increments
     s = snapshot(app, "41441234567")
     assert s["reserved"] == 3_000_000 and s["channels"] == 1 and s["balance"] == 50_000_000
@@ -111,7 +112,9 @@ def test_channel_limit_counts_both_directions(app, eng):
     assert eng.authorize("41441234567", "41441234567", "inbound", "c2", now_ms=T0).allow
     d = eng.authorize("41441234567", "41791234567", "outbound", "c3", now_ms=T0)
     assert d.reason == Reason.CHANNEL_LIMIT
-    eng.release("41441234567/c1", now_ms=T0)
+    first = eng.authorize("41441234567", "41791234567", "outbound", "c1", now_ms=T0)
+    assert first.allow  # the same request again: the same call, no second channel
+    eng.release(first.session, now_ms=T0)
     assert eng.authorize("41441234567", "41791234567", "outbound", "c4", now_ms=T0).allow
 
 
@@ -182,6 +185,7 @@ def test_commit_is_idempotent(app, eng):
 def test_increment_rounding_in_redis_matches_python(app, eng):
     prepaid(app, balance=100_000_000)
     from engine_helpers import MOBILE
+    eng.ops.quota = 3700  # one grant covers every call: no extends, no cap at its end
     for i, seconds in enumerate((0, 1, 29, 30, 31, 36, 37, 59, 61, 3601)):
         before = snapshot(app, "41441234567")["balance"]
         call(eng, "41441234567", "41791234567", f"m{i}", T0, T0 + seconds * 1000 + 999)
@@ -203,41 +207,196 @@ def test_worker_books_calls_once_and_balances_agree(app, eng):
     prepaid(app)
     for i in range(5):
         call(eng, "41441234567", "41901234567", f"c{i}", T0, T0 + (i + 1) * 7_000)
-    assert service.reconcile(app) == []  # undrained charges count as booked
-    service.drain(app, "w1")
-    # A crash after the SQL commit but before XACK: the entries come back; nothing doubles.
-    assert service.drain(app, "w1", pending=True) == 0
+    assert sync.reconcile(app) == []  # undrained charges count as booked
+    assert sync.drain(app, "w1") == 5
+    assert sync.drain(app, "w1") == 0  # acknowledged and deleted: nothing comes back
     row = app.books.get_account("41441234567")
     assert row.balance == snapshot(app, "41441234567")["balance"]
     assert row.balance == app.books.ledger_sum("41441234567")
     assert len(app.books.cdrs("41441234567")) == 5
-    assert service.reconcile(app) == []
+    assert sync.reconcile(app) == []
 
 
 def test_redelivered_commit_is_booked_once(app, eng):
     prepaid(app)
-    d = call(eng, "41441234567", "41901234567", "c1", T0, T0 + 10_000)
-    events = app.redis.xreadgroup("books", "w1", {app.keys.events("41441234567"): ">"})
+    call(eng, "41441234567", "41901234567", "c1", T0, T0 + 10_000)
+    stream = app.keys.events(shard_of("41441234567"))
+    state.ensure_groups(app.redis, app.keys)
+    events = app.redis.xreadgroup("books", "w1", {stream: ">"})
     commit = next(f for _, entries in events for _, f in entries if f["type"] == "commit")
-    assert app.books.record_call(service.cdr_from_event(commit)) is True
-    # Crash here: not acknowledged. The next worker run reads the pending entries again.
-    service.drain(app, "w1", pending=True)
+    assert app.books.record_call(sync.cdr_from_event(commit)) is True
+    # Not acknowledged: the next pass of the same consumer reads its pending entries again.
+    assert sync.drain(app, "w1") == 1
     assert app.books.get_account("41441234567").balance == 49_500_000
     assert len(app.books.ledger("41441234567")) == 2  # opening balance + one charge
-    assert d.session == session_id("41441234567", "c1")
+    assert app.redis.xlen(stream) == 0
+
+
+def test_a_booked_commit_still_in_the_stream_is_not_counted_twice(app, eng):
+    """The worker booked the CDR and died before it acknowledged the entry: reconcile
+    must agree, and rebuild must not subtract the charge a second time."""
+    prepaid(app)
+    call(eng, "41441234567", "41901234567", "c1", T0, T0 + 10_000)
+    stream = app.keys.events(shard_of("41441234567"))
+    [(_, fields)] = app.redis.xrange(stream)
+    app.books.record_call(sync.cdr_from_event(fields))
+    assert app.books.get_account("41441234567").balance == 49_500_000
+    assert sync.reconcile(app) == []
+    sync.rebuild(app)
+    assert snapshot(app, "41441234567")["balance"] == 49_500_000
+    assert sync.reconcile(app) == []
 
 
 def test_rebuild_after_redis_lost_its_data(app, eng):
     prepaid(app)
     call(eng, "41441234567", "41901234567", "c1", T0, T0 + 10_000)
-    service.drain(app, "w1")
+    sync.drain(app, "w1")
+    service.move_money(app, "41441234567", "topup", 5_000_000, "bank-1")
     for key in app.redis.scan_iter(f"{app.keys.prefix}:*"):
         app.redis.delete(key)
-    assert service.rebuild(app) == 1
-    assert snapshot(app, "41441234567")["balance"] == 49_500_000
-    assert service.reconcile(app) == []
-    # A retried top-up from before the loss is recognised.
-    assert not app.engine.credit("41441234567", 50_000_000, "open:41441234567")[0]
+    assert sync.rebuild(app) == 1
+    assert snapshot(app, "41441234567")["balance"] == 54_500_000
+    assert sync.reconcile(app) == []
+    # A top-up retried after the loss is recognised by the books and applied nowhere.
+    booking, applied = service.move_money(app, "41441234567", "topup", 5_000_000, "bank-1")
+    assert not booking.created and applied.in_redis
+    assert snapshot(app, "41441234567")["balance"] == 54_500_000
+
+
+# -- the same channel, another call ------------------------------------------------------
+
+def test_a_second_authorize_for_another_destination_is_decided_anew(app, eng):
+    """A dialplan that tries another number on the same channel gets that number's rate,
+    and its block; the first attempt's reservation goes."""
+    prepaid(app, balance=50_000_000)
+    first = eng.authorize("41441234567", "41441234567", "outbound", "c1", now_ms=T0)
+    assert first.allow and first.maxsec == 30_000  # national: CHF 0.10/min, 60/60
+    blocked = eng.authorize("41441234567", "41991234567", "outbound", "c1", now_ms=T0 + 10)
+    assert (blocked.allow, blocked.reason) == (False, Reason.DEST_BLOCKED)
+    assert snapshot(app, "41441234567")["reserved"] == 0  # the first attempt was released
+    eng.ops.quota = 600  # one slice for the whole call
+    premium = eng.authorize("41441234567", "41901234567", "outbound", "c1", now_ms=T0 + 20)
+    assert premium.allow and premium.session != first.session and premium.maxsec == 1000
+    eng.answer(premium.session, now_ms=T0 + 20)
+    eng.commit(premium.session, "16", now_ms=T0 + 20 + 600_000)  # 10 minutes at CHF 3.00
+    sync.drain(app, "w1")
+    assert app.books.get_account("41441234567").balance == 50_000_000 - 30_000_000
+    cdrs = {c.session: (c.destination, c.cost) for c in app.books.cdrs("41441234567")}
+    assert cdrs[premium.session] == ("41901234567", 30_000_000)
+    assert cdrs[first.session] == ("41441234567", 0)
+
+
+def test_direction_counts_as_another_call(app, eng):
+    prepaid(app)
+    out = eng.authorize("41441234567", "41441234567", "outbound", "c1", now_ms=T0)
+    into = eng.authorize("41441234567", "41441234567", "inbound", "c1", now_ms=T0)
+    assert out.allow and into.allow and into.session != out.session
+    assert snapshot(app, "41441234567")["channels"] == 1
+
+
+def test_an_authorize_after_the_commit_is_a_new_call_never_a_stale_allow(app, eng):
+    prepaid(app, balance=3_000_000)  # one minute at CHF 3.00
+    d = call(eng, "41441234567", "41901234567", "c1", T0, T0 + 60_000)
+    assert d.allow and snapshot(app, "41441234567")["balance"] == 0
+    again = eng.authorize("41441234567", "41901234567", "outbound", "c1", now_ms=T0 + 61_000)
+    assert (again.allow, again.reason) == (False, Reason.NO_FUNDS)
+
+
+def test_a_talking_call_replaced_on_its_channel_is_charged_up_to_then(app, eng):
+    """A calling-card channel that dials a second number after the first call: the first is
+    committed at the second authorize, both get their own CDR."""
+    prepaid(app)
+    first = eng.authorize("41441234567", "41901234567", "outbound", "c1", now_ms=T0)
+    eng.answer(first.session, now_ms=T0)
+    second = eng.authorize("41441234567", "41901234567", "outbound", "c1", now_ms=T0 + 20_000)
+    assert second.allow and second.session != first.session
+    assert eng.extend(first.session, 60, now_ms=T0 + 21_000).state == "superseded"
+    assert eng.commit(first.session, "16", now_ms=T0 + 30_000).state == "superseded"
+    eng.commit(second.session, "16", now_ms=T0 + 30_000)  # never answered
+    sync.drain(app, "w1")
+    costs = {c.session: c.cost for c in app.books.cdrs("41441234567")}
+    assert costs == {first.session: 1_000_000, second.session: 0}  # 20 s at CHF 3.00/min
+    assert snapshot(app, "41441234567")["channels"] == 0
+
+
+# -- bounds ------------------------------------------------------------------------------
+
+def test_a_deny_leaves_nothing_in_redis(app, eng):
+    prepaid(app, balance=0)
+    before = set(app.redis.scan_iter(f"{app.keys.prefix}:*"))
+    for i in range(500):
+        d = eng.authorize("41441234567", "41901234567", "outbound", f"flood{i}", now_ms=T0)
+        assert d.reason == Reason.NO_FUNDS and d.session == ""
+    assert set(app.redis.scan_iter(f"{app.keys.prefix}:*")) == before
+    assert all(app.redis.xlen(app.keys.events(n)) == 0 for n in range(SHARDS))
+
+
+def test_billing_stops_at_the_grant_end_plus_grace_whatever_the_event_lag(app, eng):
+    prepaid(app, balance=3_000_000)  # 60 s at CHF 3.00/min: the first grant is final
+    d = eng.authorize("41441234567", "41901234567", "outbound", "c1", now_ms=T0)
+    eng.answer(d.session, now_ms=T0)
+    assert eng.extend(d.session, 60, now_ms=T0 + 55_000).final
+    charge = eng.commit(d.session, "16", now_ms=T0 + 60_000 + 9_000)  # the event came late
+    grace = app.settings.grace_seconds
+    assert charge.duration == 60 + grace and charge.cost == PREMIUM.cost(60 + grace)
+
+
+def test_a_commit_at_a_known_end_bills_to_that_end(app, eng):
+    """A retried commit (Redis was away when the hangup came) bills to when it ended."""
+    prepaid(app)
+    d = eng.authorize("41441234567", "41901234567", "outbound", "c1", now_ms=T0)
+    eng.answer(d.session, now_ms=T0)
+    charge = eng.commit(d.session, "16", now_ms=T0 + 50_000, end_ms=T0 + 12_000)
+    assert charge.duration == 12
+
+
+def test_a_blocked_account_gets_no_more_slices(app, eng):
+    prepaid(app)
+    d = eng.authorize("41441234567", "41901234567", "outbound", "c1", now_ms=T0)
+    eng.answer(d.session, now_ms=T0)
+    service.update_account(app, "41441234567", status="blocked", block_reason="fraud")
+    g = eng.extend(d.session, 60, now_ms=T0 + 55_000)
+    assert (g.grant, g.final) == (60, True)
+    assert snapshot(app, "41441234567")["reserved"] == 3_000_000  # the first slice only
+
+
+def test_an_unanswered_session_is_released_once_the_pbx_gave_up_on_it(app, eng):
+    prepaid(app)
+    d = eng.authorize("41441234567", "41901234567", "outbound", "c1", now_ms=T0)
+    s = app.settings
+    # The PBX's own timeout: ring allowance + first grant + grace; then the sweeper's grace.
+    gave_up = T0 + (s.ring_seconds + d.grant + s.grace_seconds + s.stale_grace_seconds) * 1000
+    assert service.sweep(app, now_ms=gave_up - 1) == []
+    assert service.sweep(app, now_ms=gave_up + 1) == [d.session]
+    state_ = snapshot(app, "41441234567")
+    assert (state_["reserved"], state_["channels"], state_["balance"]) == (0, 0, 50_000_000)
+
+
+# -- scale -------------------------------------------------------------------------------
+
+def _commands(client, name: str) -> int:
+    stats = client.info("commandstats").get(f"cmdstat_{name}", {})
+    return int(stats.get("calls", 0))
+
+
+@pytest.mark.parametrize("accounts", [10, 3000])
+def test_a_drain_pass_and_a_sweep_read_each_shard_once_however_many_accounts(
+        app, eng, private_redis, accounts):
+    app.__dict__.update(redis_url=private_redis.url, redis=private_redis.client())
+    app.__dict__.pop("engine", None)
+    pipe = app.redis.pipeline(transaction=False)
+    for i in range(accounts):  # idle accounts, as Redis holds them
+        pipe.hset(app.keys.account(f"idle{i}"), mapping={"status": "active", "balance": 1})
+        pipe.sadd(app.keys.accounts, f"idle{i}")
+    pipe.execute()
+    prepaid(app)
+    call(app.engine, "41441234567", "41901234567", "c1", T0, T0 + 10_000)
+    state.ensure_groups(app.redis, app.keys)
+    before = {n: _commands(app.redis, n) for n in ("xreadgroup", "zrangebyscore")}
+    assert sync.Drain(app, "w1").run_once() == 1
+    service.sweep(app, now_ms=T0)
+    assert _commands(app.redis, "xreadgroup") - before["xreadgroup"] == 2 * SHARDS
+    assert _commands(app.redis, "zrangebyscore") - before["zrangebyscore"] == SHARDS
 
 
 def test_plan_change_reaches_a_process_that_guessed_wrong(app, eng):

@@ -1,11 +1,16 @@
-"""One AMI connection per process: login, actions with futures, events, and
-reconnection with backoff.
+"""One AMI connection per process: login, actions with futures, events, a
+keepalive, and reconnection with backoff.
 
 Not panoramisk's Manager: it buffers a message without bound until it sees
 `\\r\\n\\r\\n`, reconnects on a fixed timer, and re-sends actions that were
 queued while the link was down. Replaying an old `AbsoluteTimeout` or
 `Hangup` later is wrong for callguard, so actions here fail fast when the link
 is down and the supervisor decides what to do again.
+
+The link is never silently absent: a Ping every `keepalive` seconds, and any
+action left unanswered for `timeout` seconds, drops the connection (a
+black-holed link sends no FIN); whatever goes wrong in a session, the client
+logs it and reconnects.
 """
 
 from __future__ import annotations
@@ -17,7 +22,6 @@ from collections.abc import Awaitable, Callable
 from urllib.parse import unquote, urlsplit
 
 from ..protocol import ami
-from ..protocol.errors import ProtocolError
 
 log = logging.getLogger(__name__)
 
@@ -37,12 +41,13 @@ def parse_ami_url(url: str) -> tuple[str, int, str, str]:
 class AMIClient:
     def __init__(self, url: str, on_event: Callable[[ami.AMIEvent], None],
                  on_login: Callable[[], Awaitable[None]] | None = None,
-                 events: str = "call", timeout: float = 5.0):
+                 events: str = "call", timeout: float = 3.0, keepalive: float = 5.0):
         self.host, self.port, self.username, self._secret = parse_ami_url(url)
         self.on_event = on_event
         self.on_login = on_login
         self.events = events
         self.timeout = timeout
+        self.keepalive = keepalive
         self._ids = (f"cg{n}" for n in itertools.count(1))
         self._pending: dict[str, asyncio.Future] = {}
         self._lists: dict[str, list[ami.AMIEvent]] = {}
@@ -58,10 +63,13 @@ class AMIClient:
         while True:
             try:
                 await self._session()
-                backoff = 0.5
-            except (OSError, ProtocolError, AMIError, asyncio.IncompleteReadError) as exc:
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - any failure: drop the link, come back
                 log.warning("AMI %s:%s: %s; reconnecting in %.1f s", self.host, self.port,
-                            exc, backoff)
+                            str(exc) or type(exc).__name__, backoff)
+                if self.connected.is_set():
+                    backoff = 0.5  # it was up: the next try comes soon
             finally:
                 self._drop()
             await asyncio.sleep(backoff)
@@ -71,8 +79,8 @@ class AMIClient:
         reader, writer = await asyncio.wait_for(
             asyncio.open_connection(self.host, self.port), self.timeout)
         self._writer = writer
-        parser = ami.AMIReader()
-        read_task = asyncio.ensure_future(self._read(reader, parser))
+        read_task = asyncio.ensure_future(self._read(reader, ami.AMIReader()))
+        ping_task = None
         try:
             reply = await self.action(ami.login, self.username, self._secret, self.events,
                                       require_connected=False)
@@ -80,11 +88,22 @@ class AMIClient:
                 raise AMIError(f"login refused: {reply.get('Message')}")
             log.info("AMI logged in to %s:%s as %s", self.host, self.port, self.username)
             self.connected.set()
+            ping_task = asyncio.ensure_future(self._keepalive())
             if self.on_login:
                 await self.on_login()
-            await read_task
+            done, _ = await asyncio.wait({read_task, ping_task},
+                                         return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()  # raises what ended the session
         finally:
-            read_task.cancel()
+            for task in (read_task, ping_task):
+                if task:
+                    task.cancel()
+
+    async def _keepalive(self) -> None:
+        while True:
+            await asyncio.sleep(self.keepalive)
+            await self.action(ami.ping)
 
     async def _read(self, reader: asyncio.StreamReader, parser: ami.AMIReader) -> None:
         while True:
@@ -117,7 +136,7 @@ class AMIClient:
     def _drop(self) -> None:
         self.connected.clear()
         if self._writer:
-            self._writer.close()
+            self._writer.transport.abort()
             self._writer = None
         for future in self._pending.values():
             if not future.done():
@@ -127,7 +146,8 @@ class AMIClient:
 
     async def action(self, build: Callable[..., bytes], *args, require_connected: bool = True,
                      collect: bool = False):
-        """Send one action; returns its Response (or the list's events with collect=True)."""
+        """Send one action; returns its Response (or the list's events with collect=True).
+        An action left unanswered drops the link: the client reconnects."""
         if self._writer is None or (require_connected and not self.connected.is_set()):
             raise AMIError("AMI not connected")
         action_id = next(self._ids)
@@ -135,9 +155,16 @@ class AMIClient:
         self._pending[action_id] = future
         if collect:
             self._lists[action_id] = []
-        self._writer.write(build(action_id, *args))
+        writer = self._writer
+        writer.write(build(action_id, *args))
         try:
             return await asyncio.wait_for(future, self.timeout)
+        except TimeoutError:
+            if writer is self._writer:
+                log.warning("AMI %s:%s: no reply within %.1f s; dropping the link", self.host,
+                            self.port, self.timeout)
+                writer.transport.abort()  # the reader sees the end and the session reconnects
+            raise AMIError(f"no reply within {self.timeout} s") from None
         finally:
             self._pending.pop(action_id, None)
             self._lists.pop(action_id, None)

@@ -4,6 +4,7 @@ changes nothing, whoever retries (the CLI, the worker after a crash)."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from sqlalchemy import delete, func, select, update
@@ -13,11 +14,46 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from ..money import MAX_MICROS, format_display
 from ..rating import Rate, RatePlan
-from .models import Account, Cdr, LedgerEntry, RatePlanRow, RateRow
+from .models import Account, Cdr, LedgerEntry, RatePlanRow, RateRow, RedisOutbox
+
+_EMAIL = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s.]+")
 
 
 class BooksError(ValueError):
     """A refused operation, worded for the operator."""
+
+
+def check_text(column, value: str | None, label: str) -> None:
+    """Text for a String(N) column: refused here, before SQL sees it, when it is longer than
+    the column (PostgreSQL would raise, SQLite would silently keep it) or holds control
+    characters (PostgreSQL cannot store NUL at all)."""
+    if value is None:
+        return
+    limit = column.type.length
+    if len(value) > limit:
+        raise BooksError(f"{label} is longer than {limit} characters ({len(value)})")
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise BooksError(f"{label} contains control characters")
+
+
+def check_email(address: str | None) -> None:
+    if address is None:
+        return
+    check_text(Account.email, address, "email")
+    if not _EMAIL.fullmatch(address):
+        raise BooksError(f"not an email address: {address!r}")
+
+
+_ACCOUNT_TEXT = {
+    "block_reason": (Account.block_reason, "reason"),
+    "payment_method": (Account.payment_method, "payment method"),
+}
+
+
+def check_account_values(values: dict) -> None:
+    check_email(values.get("email"))
+    for name, (column, label) in _ACCOUNT_TEXT.items():
+        check_text(column, values.get(name), label)
 
 
 @dataclass(frozen=True)
@@ -33,14 +69,21 @@ class Books:
         self.session = sessionmaker(engine, expire_on_commit=False)
 
     # -- accounts ---------------------------------------------------------
-    def create_account(self, account_id: str, **values) -> Account:
+    def create_account(self, account_id: str, opening_balance: int = 0, **values) -> Account:
+        """The account, its opening balance as a ledger entry like any other
+        (balance = sum(ledger)), and both queued for Redis, in one transaction."""
+        check_account_values(values)
         with self.session.begin() as db:
             if db.get(Account, account_id) is not None:
                 raise BooksError(f"account {account_id} already exists")
-            plan = values.get("plan") or "default"
-            values["plan"] = plan
+            values["plan"] = values.get("plan") or "default"
             account = Account(id=account_id, **values)
             db.add(account)
+            db.flush()
+            db.add(RedisOutbox(account=account_id))
+            if opening_balance:
+                self.book(account_id, "topup", opening_balance, f"open:{account_id}",
+                          reference="opening balance", db=db)
         return account
 
     def get_account(self, account_id: str) -> Account:
@@ -55,12 +98,15 @@ class Books:
             return list(db.scalars(select(Account).order_by(Account.id)))
 
     def update_account(self, account_id: str, **changes) -> Account:
+        """Change settings; Redis gets them through the outbox, in the same transaction."""
+        check_account_values(changes)
         with self.session.begin() as db:
             account = db.get(Account, account_id, with_for_update=True)
             if account is None:
                 raise BooksError(f"unknown account {account_id}")
             for name, value in changes.items():
                 setattr(account, name, value)
+            db.add(RedisOutbox(account=account_id))
         return account
 
     # -- ledger -----------------------------------------------------------
@@ -74,7 +120,12 @@ class Books:
         session: str | None = None,
         db: Session | None = None,
     ) -> Booking:
-        """Append one movement and move the account's balance by `amount`, once per key."""
+        """Append one movement and move the account's balance by `amount`, once per key.
+
+        An operator's movement is also queued for Redis in the same transaction; a call
+        charge is not: Redis made it, the books only learn it."""
+        check_text(LedgerEntry.idempotency_key, key, "reference")
+        check_text(LedgerEntry.reference, reference, "reference")
         if db is None:
             with self.session.begin() as db:
                 return self.book(account_id, kind, amount, key, reference, session, db)
@@ -106,6 +157,9 @@ class Books:
             with db.begin_nested():
                 db.add(entry)
                 db.flush()
+                if kind != "call_charge":
+                    db.add(RedisOutbox(account=account_id, entry=entry.id))
+                    db.flush()
         except IntegrityError:
             # A concurrent writer booked the same key between our check and insert.
             db.execute(update(Account).where(Account.id == account_id)
@@ -130,6 +184,22 @@ class Books:
                 select(LedgerEntry).where(LedgerEntry.account == account_id)
                 .order_by(LedgerEntry.id)
             ))
+
+    # -- the Redis outbox -----------------------------------------------------
+    def outbox(self, account_id: str | None = None, limit: int = 500) -> list[tuple]:
+        """Pending (id, account, entry, amount) rows, oldest first; entry None: settings."""
+        query = (select(RedisOutbox.id, RedisOutbox.account, RedisOutbox.entry, LedgerEntry.amount)
+                 .outerjoin(LedgerEntry, LedgerEntry.id == RedisOutbox.entry)
+                 .order_by(RedisOutbox.id).limit(limit))
+        if account_id:
+            query = query.where(RedisOutbox.account == account_id)
+        with self.session() as db:
+            return [tuple(row) for row in db.execute(query)]
+
+    def outbox_done(self, ids: list[int]) -> None:
+        if ids:
+            with self.session.begin() as db:
+                db.execute(delete(RedisOutbox).where(RedisOutbox.id.in_(ids)))
 
     # -- calls ------------------------------------------------------------
     def record_call(self, cdr: dict) -> bool:

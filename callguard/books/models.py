@@ -130,6 +130,20 @@ class Cdr(Base):
     cause: Mapped[str] = mapped_column(String(32), default="")
 
 
+class RedisOutbox(Base):
+    """What the books changed that Redis has not applied yet: an account's settings
+    (entry NULL) or a money movement (its ledger entry). Written in the same transaction
+    as the change; the row goes once Redis has it, whoever applies it (the CLI at once,
+    else the worker when Redis is back)."""
+
+    __tablename__ = "redis_outbox"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    account: Mapped[str] = mapped_column(ForeignKey("accounts.id"), index=True)
+    entry: Mapped[int | None] = mapped_column(ForeignKey("ledger.id"))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
 class Notification(Base):
     """Outbox: written with the event that causes it, sent later by the worker."""
 

@@ -118,11 +118,17 @@ def is_cluster(url: str) -> bool:
     return _cluster_url(url) is not None
 
 
+# The blocking client is used off the call path (CLI, worker, sweeps); a Redis that is
+# black-holed must not hang it, nor a SQL lock it holds meanwhile.
+TIMEOUTS = {"socket_timeout": 5.0, "socket_connect_timeout": 2.0}
+
+
 def connect(url: str):
     cluster = _cluster_url(url)
     if cluster:
-        return redis.RedisCluster.from_url(cluster, decode_responses=True)
-    return redis.Redis.from_url(url, decode_responses=True, health_check_interval=30)
+        return redis.RedisCluster.from_url(cluster, decode_responses=True, **TIMEOUTS)
+    return redis.Redis.from_url(url, decode_responses=True, health_check_interval=30,
+                                **TIMEOUTS)
 
 
 def connect_async(url: str, max_connections: int = 64, wait: float = 1.0):

@@ -1,15 +1,19 @@
 """The quota engine's rules, free of I/O.
 
 Each operation is built here as a `Call` (a Lua script, its keys and its
-arguments, and how to read the reply). `SyncEngine` (gevent, CLI, worker) and
-`AsyncEngine` (asyncio adapters) only execute Calls, so no rule exists twice.
-All keys of one script share the account's hash tag `{ACCT}`: one slot, safe on
-Redis Cluster.
+arguments, and how to read the reply). `SyncEngine` (CLI, worker) and
+`AsyncEngine` (the PBX adapters) only execute Calls, so no rule exists twice.
+
+Key layout: accounts are spread over a fixed number of shards; every key of a
+shard carries the shard's hash tag `{NN}`, so each script touches one Redis
+Cluster slot, and the worker and the sweeper read one stream and one live set
+per shard: their cost follows the calls, not the number of accounts.
 """
 
 from __future__ import annotations
 
 import re
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,12 +22,15 @@ from ..decisions import Decision, Reason, denied
 from ..rating import FREE_RATE, NumberError, RatePlan, normalize_number
 
 LUA = Path(__file__).with_name("lua")
-SCRIPTS = ("authorize", "answer", "extend", "commit", "credit")
+SCRIPTS = ("authorize", "answer", "extend", "commit", "credit", "settle", "lease", "restore")
+SHARDS = 64
+LAYOUT = "2"  # Redis key layout version: refuse to run beside another one
 ACCOUNT_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+# What Asterisk (Uniqueid, "[systemname-]1795236355.1310") and FreeSWITCH (a UUID) produce,
+# with room to spare; the session id (account/channel/attempt) then fits every column.
+CHANNEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 DIRECTIONS = ("outbound", "inbound")
-MAX_CHANNEL_ID = 200
-MARKER_TTL = 90 * 86400  # a movement retried within 90 days is still recognised
-COMMIT_MODES = {"reported": 0, "stale": 1, "gone": 2}
+COMMIT_MODES = ("reported", "stale", "gone", "release")
 
 
 def script_sources() -> dict[str, str]:
@@ -35,16 +42,43 @@ def valid_account(account: str) -> bool:
     return isinstance(account, str) and ACCOUNT_ID.fullmatch(account) is not None
 
 
-def session_id(account: str, channel: str) -> str:
-    return f"{account}/{channel}"
+def valid_channel(channel: str) -> bool:
+    return isinstance(channel, str) and CHANNEL_ID.fullmatch(channel) is not None
+
+
+def shard_of(account: str) -> int:
+    return zlib.crc32(account.encode()) % SHARDS
+
+
+@dataclass(frozen=True, slots=True)
+class SessionId:
+    """`ACCOUNT/CHANNEL/N`: the Nth call authorised in the account's shard, on that channel."""
+
+    account: str
+    channel: str
+    n: str
+
+    @classmethod
+    def parse(cls, text: str) -> SessionId:
+        parts = text.split("/") if isinstance(text, str) else []
+        if (len(parts) != 3 or not valid_account(parts[0]) or not valid_channel(parts[1])
+                or not parts[2].isdigit()):
+            raise ValueError(f"not a session id: {text!r}")
+        return cls(*parts)
+
+    @property
+    def member(self) -> str:
+        """The session's name in its shard's live set (one current call per channel)."""
+        return f"{self.account}/{self.channel}"
+
+    def __str__(self) -> str:
+        return f"{self.account}/{self.channel}/{self.n}"
 
 
 def split_session(session: str) -> tuple[str, str]:
     """(account, channel) of a session id; ValueError if it is not one."""
-    account, sep, channel = session.partition("/")
-    if not sep or not channel or not valid_account(account):
-        raise ValueError(f"not a session id: {session!r}")
-    return account, channel
+    sid = SessionId.parse(session)
+    return sid.account, sid.channel
 
 
 class Keys:
@@ -53,27 +87,42 @@ class Keys:
     def __init__(self, prefix: str = "cg"):
         self.prefix = prefix
         self.accounts = f"{prefix}:accounts"  # set of account ids, written by the CLI only
+        self.layout = f"{prefix}:layout"
         self.plans_channel = f"{prefix}:plans"  # pub/sub: a plan changed
         self.plans_version = f"{prefix}:plans:version"
         self.kill_channel = f"{prefix}:kill"  # pub/sub: end these sessions now
+        self._tags = [f"{prefix}:{{{n:02d}}}" for n in range(SHARDS)]
+
+    def tag(self, account: str) -> str:
+        return self._tags[shard_of(account)]
 
     def account(self, a: str) -> str:
-        return f"{self.prefix}:{{{a}}}:acct"
+        return f"{self.tag(a)}:a:{a}"
 
     def session(self, a: str, channel: str) -> str:
-        return f"{self.prefix}:{{{a}}}:s:{channel}"
+        return f"{self.tag(a)}:s:{a}/{channel}"
 
-    def live(self, a: str) -> str:
-        return f"{self.prefix}:{{{a}}}:live"
+    def live(self, shard: int) -> str:
+        return f"{self._tags[shard]}:live"
 
-    def events(self, a: str) -> str:
-        return f"{self.prefix}:{{{a}}}:ev"
+    def events(self, shard: int) -> str:
+        return f"{self._tags[shard]}:ev"
 
-    def marker(self, a: str, key: str) -> str:
-        return f"{self.prefix}:{{{a}}}:mv:{key}"
+    def dead(self, shard: int) -> str:
+        return f"{self._tags[shard]}:dead"
 
-    def call_keys(self, a: str, channel: str) -> list[str]:
-        return [self.account(a), self.session(a, channel), self.live(a), self.events(a)]
+    def seq(self, shard: int) -> str:
+        return f"{self._tags[shard]}:seq"
+
+    def marker(self, a: str, entry: int) -> str:
+        return f"{self.tag(a)}:mv:{entry}"
+
+    def node(self, name: str) -> str:
+        return f"{self.prefix}:node:{name}"
+
+    def session_keys(self, a: str, channel: str) -> list[str]:
+        shard = shard_of(a)
+        return [self.account(a), self.session(a, channel), self.live(shard), self.events(shard)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,7 +137,9 @@ class Call:
 class Grant:
     """State of a session after answer or extend."""
 
-    state: str  # 'ans' (running), 'auth' (not answered), 'done', 'deny', 'unknown'
+    # 'ans' (running), 'auth' (not answered), 'done', 'unknown' (Redis forgot it),
+    # 'superseded' (a later call on the same channel replaced it)
+    state: str
     grant: int  # seconds granted from answer
     grant_end_ms: int
     final: bool
@@ -105,7 +156,7 @@ class Grant:
 
 @dataclass(frozen=True, slots=True)
 class Charge:
-    state: str  # 'done' (committed now), 'already', 'unknown', 'alive' (stale check failed)
+    state: str  # 'done' (committed now), 'already', 'superseded', 'unknown', 'alive', 'ans'
     cost: int
     duration: int
     billed: int
@@ -136,18 +187,19 @@ class Ops:
     """Builds the engine's Calls."""
 
     def __init__(self, keys: Keys, plans: Plans, quota: int = 60, node: str = "",
-                 ring_timeout: int = 600, stale_grace: int = 30):
+                 ring_seconds: int = 120, grace: int = 2, stale_grace: int = 30):
         self.keys = keys
         self.plans = plans
         self.quota = quota
         self.node = node
-        self.ring_timeout = ring_timeout
+        self.ring_seconds = ring_seconds
+        self.grace = grace
         self.stale_grace = stale_grace
 
     def authorize(self, account: str, destination: str, direction: str, channel: str,
-                  now_ms: int | None = None) -> Call | Decision:
+                  now_ms: int | None = None, quota: int | None = None) -> Call | Decision:
         """First slice of credit for a new call, or a Decision straight away for bad input."""
-        if direction not in DIRECTIONS or not channel or len(channel) > MAX_CHANNEL_ID:
+        if direction not in DIRECTIONS or not valid_channel(channel):
             return denied(Reason.BAD_REQUEST)
         if not valid_account(account):
             return denied(Reason.UNKNOWN_ACCOUNT if account else Reason.BAD_REQUEST)
@@ -155,63 +207,78 @@ class Ops:
             number = normalize_number(destination)
         except NumberError:
             return denied(Reason.BAD_REQUEST)
-        return self._authorize(account, number, direction, channel, now_ms, retried=False)
+        return self._authorize(account, number, direction, channel, now_ms,
+                               quota or self.quota, retried=False)
 
-    def _authorize(self, account, number, direction, channel, now_ms, retried) -> Call:
+    def _authorize(self, account, number, direction, channel, now_ms, quota, retried) -> Call:
         plan = self.plans.plan_for(account)
         rate = self.plans.rate(plan, direction, number)
-        sid = session_id(account, channel)
+        shard = shard_of(account)
+        keys = [self.keys.account(account), self.keys.session(account, channel),
+                self.keys.live(shard), self.keys.seq(shard), self.keys.events(shard)]
         args = [
-            "" if now_ms is None else now_ms, sid, channel, direction, number, plan,
+            _at(now_ms), account, channel, direction, number, plan,
             0 if rate is None else 1,
             *((rate.prefix, rate.rate_per_min, rate.connect_fee, rate.initial_increment,
                rate.subsequent_increment, int(rate.blocked)) if rate else ("", 0, 0, 1, 1, 0)),
-            self.quota, self.node, self.ring_timeout,
+            quota, self.node, self.ring_seconds, self.grace, self.stale_grace,
         ]
 
         def parse(reply):
-            allow, reason, grant, grant_end, final, maxsec, extra = reply
+            allow, reason, session, grant, maxsec, extra = reply
             if reason == "PLAN":
                 # The account uses another plan than we guessed: learn it, ask again.
                 self.plans.account_plan[account] = extra
                 if retried:
-                    return denied(Reason.UNAVAILABLE, sid)
-                return self._authorize(account, number, direction, channel, now_ms, True)
+                    return denied(Reason.UNAVAILABLE)
+                return self._authorize(account, number, direction, channel, now_ms, quota, True)
             self.plans.account_plan[account] = plan
-            return Decision(bool(int(allow)), Reason(reason), sid if reason != "UNKNOWN_ACCOUNT"
-                            else "", int(grant), int(grant_end), bool(int(final)), int(maxsec))
+            return Decision(bool(int(allow)), Reason(reason), session, int(grant),
+                            maxsec=int(maxsec))
 
-        return Call("authorize", self.keys.call_keys(account, channel), args, parse)
+        return Call("authorize", keys, args, parse)
 
-    def answer(self, session: str, now_ms: int | None = None) -> Call:
-        account, channel = split_session(session)
-        return Call("answer", self.keys.call_keys(account, channel),
-                    ["" if now_ms is None else now_ms, channel, self.stale_grace], _grant)
+    def answer(self, session: str, now_ms: int | None = None,
+               answered_ms: int | None = None) -> Call:
+        """The call was answered (at answered_ms, when the PBX told us later)."""
+        sid = SessionId.parse(session)
+        return Call("answer", self.keys.session_keys(sid.account, sid.channel),
+                    [_at(now_ms), sid.n, _at(answered_ms), self.stale_grace], _grant)
 
     def extend(self, session: str, seen_grant: int, now_ms: int | None = None) -> Call:
-        account, channel = split_session(session)
-        return Call("extend", self.keys.call_keys(account, channel),
-                    ["" if now_ms is None else now_ms, channel, self.quota, seen_grant,
-                     self.stale_grace], _grant)
+        sid = SessionId.parse(session)
+        return Call("extend", self.keys.session_keys(sid.account, sid.channel),
+                    [_at(now_ms), sid.n, self.quota, seen_grant, self.stale_grace], _grant)
 
     def commit(self, session: str, cause: str = "", now_ms: int | None = None,
-               mode: str = "reported") -> Call:
-        """End a session. mode 'reported': the PBX said it ended now; 'stale': the PBX
-        went silent past the deadline (sweeper); 'gone': the channel vanished while
-        nobody watched (adapter restart). The last two charge up to the last grant."""
-        account, channel = split_session(session)
-        return Call("commit", self.keys.call_keys(account, channel),
-                    ["" if now_ms is None else now_ms, channel, str(cause)[:32],
-                     COMMIT_MODES[mode]], _charge)
+               mode: str = "reported", end_ms: int | None = None) -> Call:
+        """End a session; see commit.lua for the modes."""
+        if mode not in COMMIT_MODES:
+            raise ValueError(f"unknown commit mode {mode!r}")
+        sid = SessionId.parse(session)
+        return Call("commit", self.keys.session_keys(sid.account, sid.channel),
+                    [_at(now_ms), sid.n, str(cause)[:32], mode, _at(end_ms), self.grace],
+                    _charge)
 
     def release(self, session: str, now_ms: int | None = None) -> Call:
-        """For a call that never started: frees its reservation and channel, charges nothing
-        unless it was in fact answered."""
-        return self.commit(session, "released", now_ms)
+        """For a call that never started: frees its reservation and channel; an answered
+        call is left to its hangup."""
+        return self.commit(session, "released", now_ms, mode="release")
 
-    def credit(self, account: str, amount: int, key: str) -> Call:
-        return Call("credit", [self.keys.account(account), self.keys.marker(account, key)],
-                    [amount, MARKER_TTL], lambda reply: (bool(reply[0]), int(reply[1])))
+    def release_channel(self, account: str, channel: str, now_ms: int | None = None) -> Call:
+        """Release whatever call the channel has, if it never answered: for an authorize
+        whose reply never came in time (the PBX was given the failure policy instead)."""
+        return Call("commit", self.keys.session_keys(account, channel),
+                    [_at(now_ms), "", "released", "release", "", self.grace], _charge)
+
+    def credit(self, account: str, amount: int, entry: int) -> Call:
+        """Apply the books' movement `entry` to Redis, once."""
+        return Call("credit", [self.keys.account(account), self.keys.marker(account, entry)],
+                    [amount], lambda reply: (bool(reply[0]), int(reply[1])))
+
+
+def _at(ms: int | None):
+    return "" if ms is None else ms
 
 
 def _grant(reply) -> Grant:

@@ -1,4 +1,4 @@
-"""Execute the engine's Calls on Redis, from blocking code (CLI, worker, gevent)
+"""Execute the engine's Calls on Redis, from blocking code (CLI, worker)
 or from asyncio. Both only run what `core.Ops` builds; neither holds a rule."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import asyncio
 
 from .core import Call, Ops, script_sources
 
-OPERATIONS = ("authorize", "answer", "extend", "commit", "release", "credit")
+OPERATIONS = ("authorize", "answer", "extend", "commit", "release", "release_channel", "credit")
 
 
 class _Engine:
@@ -26,6 +26,10 @@ class _Engine:
 
 
 class SyncEngine(_Engine):
+    def script(self, name: str, keys: list, args: list):
+        """A script that is not a call step (settle, lease, restore)."""
+        return self.scripts[name](keys=keys, args=args)
+
     def run(self, call):
         result = call
         while isinstance(result, Call):  # a reply may ask for a second script (plan retry)

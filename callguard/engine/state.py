@@ -1,17 +1,21 @@
 """Reading and seeding the engine's Redis state, off the call path.
 
 Everything here uses the blocking client: the CLI, the worker and the
-sweeper run it, and the asyncio adapters call it through a thread at start.
+sweepers run it, and the asyncio adapters call it through a thread.
 """
 
 from __future__ import annotations
 
 import redis
 
-from .core import Keys, session_id
+from .core import LAYOUT, SHARDS, Keys, SessionId, shard_of
 
-GROUP = "books"  # the worker's consumer group on every account's event stream
+GROUP = "books"  # the worker's consumer group on every shard's event stream
 CONFIG_FIELDS = ("kind", "status", "reason", "credit", "max_channels", "plan", "cps", "currency")
+
+
+class LayoutMismatch(RuntimeError):
+    pass
 
 
 def account_fields(row) -> dict[str, str | int]:
@@ -28,33 +32,39 @@ def account_fields(row) -> dict[str, str | int]:
     }
 
 
-def push_account(client, keys: Keys, row, balance: int | None = None) -> None:
-    """Write an account's settings; its balance only when Redis has none (or when
-    `balance` is given, as rebuild does)."""
+def push_account(client, keys: Keys, row) -> None:
+    """Write an account's settings. Its balance starts at 0: every movement, the opening
+    balance included, reaches Redis through the books' outbox."""
     acct = keys.account(row.id)
     pipe = client.pipeline(transaction=False)
     pipe.hset(acct, mapping=account_fields(row))
-    if balance is None:
-        pipe.hsetnx(acct, "balance", row.balance)
-    else:
-        pipe.hset(acct, "balance", balance)
-    pipe.hsetnx(acct, "reserved", 0)
-    pipe.hsetnx(acct, "channels", 0)
+    for name in ("balance", "reserved", "channels"):
+        pipe.hsetnx(acct, name, 0)
     pipe.sadd(keys.accounts, row.id)
     pipe.execute()
-    ensure_group(client, keys, row.id)
 
 
-def ensure_group(client, keys: Keys, account: str) -> None:
-    try:
-        client.xgroup_create(keys.events(account), GROUP, id="0", mkstream=True)
-    except redis.ResponseError as exc:
-        if "BUSYGROUP" not in str(exc):
-            raise
+def check_layout(client, keys: Keys) -> None:
+    """Claim this Redis for our key layout, or refuse one written by another version."""
+    client.set(keys.layout, LAYOUT, nx=True)
+    found = client.get(keys.layout)
+    if found != LAYOUT:
+        raise LayoutMismatch(
+            f"Redis holds callguard key layout {found!r}, this version uses {LAYOUT!r}: "
+            "drain the old worker, then `callguard rebuild --yes` (README, changelog)")
+
+
+def ensure_groups(client, keys: Keys) -> None:
+    for shard in range(SHARDS):
+        try:
+            client.xgroup_create(keys.events(shard), GROUP, id="0", mkstream=True)
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
 
 
 def account_ids(client, keys: Keys) -> list[str]:
-    return sorted(client.smembers(keys.accounts))
+    return sorted(client.sscan_iter(keys.accounts, count=1000))
 
 
 def account_state(client, keys: Keys, account: str) -> dict[str, int | str] | None:
@@ -68,37 +78,41 @@ def account_state(client, keys: Keys, account: str) -> dict[str, int | str] | No
     return state
 
 
-def live_sessions(client, keys: Keys, accounts: list[str]) -> list[dict]:
-    """Every supervised session of these accounts, with its deadline."""
+def _live_members(client, keys: Keys, account: str | None, max_score="+inf") -> list:
+    """(member, deadline) of the live sets: one account's, or every shard's."""
+    shards = [shard_of(account)] if account else range(SHARDS)
     pipe = client.pipeline(transaction=False)
-    for account in accounts:
-        pipe.zrange(keys.live(account), 0, -1, withscores=True)
-    members = pipe.execute()
-    wanted = [(a, ch, int(score))
-              for a, found in zip(accounts, members, strict=True) for ch, score in found]
+    for shard in shards:
+        pipe.zrangebyscore(keys.live(shard), "-inf", max_score, withscores=True)
+    found = [(m, int(score)) for reply in pipe.execute() for m, score in reply]
+    if account:
+        found = [(m, d) for m, d in found if m.startswith(account + "/")]
+    return found
+
+
+def live_sessions(client, keys: Keys, account: str | None = None,
+                  overdue_at: int | None = None) -> list[dict]:
+    """Supervised sessions (of one account, or all; only those whose deadline passed
+    `overdue_at` when given), each with its id and deadline."""
+    members = _live_members(client, keys, account, "+inf" if overdue_at is None else overdue_at)
     pipe = client.pipeline(transaction=False)
-    for account, channel, _ in wanted:
-        pipe.hgetall(keys.session(account, channel))
+    for member, _ in members:
+        account_id, channel = member.split("/", 1)
+        pipe.hgetall(keys.session(account_id, channel))
     out = []
-    for (account, channel, deadline), fields in zip(wanted, pipe.execute(), strict=True):
-        if fields:
-            out.append({**fields, "account": account, "channel": channel,
-                        "session": session_id(account, channel), "deadline": deadline})
+    for (member, deadline), fields in zip(members, pipe.execute(), strict=True):
+        if fields.get("n") and fields.get("st") in ("auth", "ans"):
+            out.append({**fields, "account": fields["acct"], "channel": fields["ch"],
+                        "session": f"{member}/{fields['n']}", "deadline": deadline})
     return out
 
 
-def overdue(client, keys: Keys, accounts: list[str], now_ms: int) -> list[str]:
-    """Sessions whose PBX has gone silent past their deadline."""
-    pipe = client.pipeline(transaction=False)
-    for account in accounts:
-        pipe.zrangebyscore(keys.live(account), "-inf", now_ms)
-    replies = pipe.execute()
-    return [session_id(a, ch) for a, chans in zip(accounts, replies, strict=True) for ch in chans]
+def pending_commits(client, keys: Keys, shard: int, dead: bool = False) -> list[dict]:
+    """Commit events still in a shard's stream (or its dead letters): charges Redis made
+    that may not be in the books yet."""
+    stream = keys.dead(shard) if dead else keys.events(shard)
+    return [fields for _, fields in client.xrange(stream) if fields.get("type") == "commit"]
 
 
-def undrained_commits(client, keys: Keys, account: str) -> list[dict]:
-    """Commit events still in the stream, i.e. charges not yet in the books."""
-    return [
-        fields for _, fields in client.xrange(keys.events(account))
-        if fields.get("type") == "commit"
-    ]
+def session_account(session: str) -> str:
+    return SessionId.parse(session).account

@@ -33,6 +33,7 @@ __all__ = [
     "events",
     "filter_add",
     "format_action",
+    "getvar",
     "hangup",
     "login",
     "logoff",
@@ -296,6 +297,13 @@ def core_show_channels(action_id: str) -> bytes:
     """List channels: a Response (EventList: start), CoreShowChannel events with our
     ActionID, then CoreShowChannelsComplete (ListItems)."""
     return format_action("CoreShowChannels", action_id)
+
+
+def getvar(action_id: str, channel: str, variable: str) -> bytes:
+    """Read a channel variable or function; the Response carries ``Variable`` and ``Value``
+    (``Value: `` when unset)."""
+    return format_action("Getvar", action_id, [("Channel", _channel(channel)),
+                                               ("Variable", variable)])
 
 
 def ping(action_id: str) -> bytes:

@@ -79,11 +79,13 @@ def agi_unquote(args: str) -> list[str]:
 class SimulatedAsterisk:
     def __init__(self, agi_port: int, clock: Clock | None = None, username: str = "callguard",
                  secret: str = "s3cret-AMI", agi_host: str = "127.0.0.1",
-                 agi_wait: float = 10.0):
+                 agi_wait: float = 10.0, timestamp_events: bool = False):
         self.agi_host, self.agi_port = agi_host, agi_port
         self.clock = clock or Clock()
         self.username, self.secret = username, secret
         self.agi_wait = agi_wait  # a real Asterisk waits for ever; the simulation gives up
+        self.timestamp_events = timestamp_events  # manager.conf [general] timestampevents
+        self.blackholed = False  # AMI: nothing gets through either way, no FIN, no RST
         self.calls: dict[str, SimCall] = {}  # live channels by uniqueid
         self.finished: list[SimCall] = []
         self.violations: list[str] = []
@@ -119,15 +121,29 @@ class SimulatedAsterisk:
         for writer in list(self._sessions):
             writer.close()
 
+    def blackhole_ami(self) -> None:
+        """From now on AMI bytes go nowhere, both ways, and nothing tells the peer: a
+        firewall dropping packets, a cable pulled between two switches."""
+        self.blackholed = True
+
+    def restore_ami(self) -> None:
+        """The network is back. Connections that lived through the black hole are of no
+        use to anyone (the client gave up on them): they end."""
+        self.blackholed = False
+        self.drop_ami()
+
     async def _ami_session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
         self._sessions.add(writer)
-        writer.write(BANNER)
+        if not self.blackholed:
+            writer.write(BANNER)
         logged_in, buffer = False, b""
         try:
             while True:
                 data = await reader.read(65536)
                 if not data:
                     return
+                if self.blackholed:
+                    continue
                 buffer += data
                 while b"\r\n\r\n" in buffer:
                     block, buffer = buffer.split(b"\r\n\r\n", 1)
@@ -206,6 +222,13 @@ class SimulatedAsterisk:
                     "Duration: 00:00:00", "BridgeId: "], privilege=False))
             writer.write((f"Event: CoreShowChannelsComplete\r\nActionID: {aid}\r\n"
                           f"EventList: Complete\r\nListItems: {len(self.calls)}\r\n\r\n").encode())
+        elif name == "getvar":
+            call = self._channel(a.get("Channel", ""))
+            variable = a.get("Variable", "")
+            if call is None:
+                reply("Error", "Message: No such channel")
+            else:
+                reply("Success", f"Variable: {variable}", f"Value: {self._getvar(call, variable)}")
         elif name == "absolutetimeout":
             call = self._channel(a.get("Channel", ""))
             try:
@@ -232,6 +255,15 @@ class SimulatedAsterisk:
             reply("Error", "Message: Invalid/unknown command")
         return True
 
+    def _getvar(self, call: SimCall, variable: str) -> str:
+        if variable == "CDR(answer,u)":
+            # func_cdr raw mode: "%ld.%06ld" of the CDR's answer time, zero if unanswered.
+            if call.answered_at is None:
+                return "0.000000"
+            ms = self.clock.epoch_ms(call.answered_at)
+            return f"{ms // 1000}.{ms % 1000 * 1000:06d}"
+        return call.variables.get(variable, "")
+
     def _channel(self, name: str) -> SimCall | None:
         return next((c for c in self.calls.values() if c.channel == name), None)
 
@@ -241,6 +273,9 @@ class SimulatedAsterisk:
         lines = [f"Event: {name}"]
         lines += [f"ActionID: {aid}"] if aid else []
         lines += ["Privilege: call,all"] if privilege else []
+        if privilege and self.timestamp_events:  # manager.c puts it right after Privilege
+            ms = self.clock.epoch_ms(self.clock.monotonic())
+            lines.append(f"Timestamp: {ms // 1000}.{ms % 1000 * 1000:06d}")
         lines += [
             f"Channel: {call.channel}", f"ChannelState: {code}", f"ChannelStateDesc: {state}",
             "CallerIDNum: sipp", "CallerIDName: sipp", "ConnectedLineNum: <unknown>",
@@ -251,6 +286,8 @@ class SimulatedAsterisk:
         return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
     def emit(self, data: bytes) -> None:
+        if self.blackholed:
+            return
         for writer in list(self._listeners):
             if not writer.is_closing():
                 writer.write(data)

@@ -1,70 +1,68 @@
--- KEYS: acct, session, live, events
--- ARGV: now, session_id, channel, direction, destination, plan, has_rate, prefix,
---       rate, connect_fee, initial, subsequent, rate_blocked, quota, node, ring_timeout_s
--- Returns {allow, reason, grant, grant_end, final, maxsec, extra}
-local acct, sess, live, events = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-
-local previous = redis.call('HGET', sess, 'res')
-if previous then
-  local out = {}
-  for part in string.gmatch(previous, '([^|]*)|?') do out[#out + 1] = part end
-  return {tonumber(out[1]), out[2], tonumber(out[3]), tonumber(out[4]), tonumber(out[5]), tonumber(out[6]), ''}
-end
-
-local a = redis.call('HMGET', acct, 'status', 'balance', 'credit', 'reserved', 'channels',
-  'max_channels', 'plan', 'cps', 'cps_s', 'cps_n')
-if not a[1] then return {0, 'UNKNOWN_ACCOUNT', 0, 0, 0, 0, ''} end
-if a[7] ~= ARGV[6] then return {0, 'PLAN', 0, 0, 0, 0, a[7] or ''} end
-
+-- KEYS: acct, session, live, seq, events
+-- ARGV: now, account, channel, direction, destination, plan, has_rate, prefix, rate,
+--       connect_fee, initial, subsequent, rate_blocked, quota, node, ring_s, grace_s, stale_s
+-- Returns {allow, reason, session_id, grant, maxsec, extra}.
+-- A deny writes nothing but the account's setup counter: a flood of denied setups
+-- leaves no footprint in Redis.
+local acct, sess, live, seq, events = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local member = ARGV[2] .. '/' .. ARGV[3]
 local now = clock(ARGV[1])
-local direction = ARGV[4]
-local balance, credit, reserved = num(a[2]), num(a[3]), num(a[4])
+local direction, destination = ARGV[4], ARGV[5]
+local ring_s, grace_s, stale_s = num(ARGV[16]), num(ARGV[17]), num(ARGV[18])
+
+local cur = redis.call('HMGET', sess, 'n', 'st', 'dir', 'dst', 'g', 'mx')
+if cur[2] == 'auth' and cur[3] == direction and cur[4] == destination then
+  -- The same request again on this channel (a dialplan that retries the number): the same
+  -- answer, and the ring allowance starts again, as the PBX's own timeout does.
+  redis.call('ZADD', live, now + (ring_s + num(cur[5]) + grace_s + stale_s) * 1000, member)
+  return {1, 'OK', member .. '/' .. cur[1], num(cur[5]), num(cur[6]), ''}
+end
+
+local a = redis.call('HMGET', acct, 'status', 'plan')
+local status = a[1]
+if not status then return {0, 'UNKNOWN_ACCOUNT', '', 0, 0, ''} end
+if a[2] ~= ARGV[6] then return {0, 'PLAN', '', 0, 0, a[2] or ''} end
+if cur[2] == 'auth' or cur[2] == 'ans' then
+  -- The channel has moved on to another call: the one before it ended now.
+  finish(acct, sess, live, events, member, now, '', 'superseded', 'reported', grace_s)
+end
+
+a = redis.call('HMGET', acct, 'balance', 'credit', 'reserved', 'channels', 'max_channels',
+  'cps', 'cps_s', 'cps_n')
+local balance, credit, reserved = num(a[1]), num(a[2]), num(a[3])
 local r, cf, i, s = num(ARGV[9]), num(ARGV[10]), num(ARGV[11]), num(ARGV[12])
-local quota = num(ARGV[14])
-local avail = balance + credit - reserved
 
-local function decide(allow, reason, grant, maxsec)
-  local res = table.concat({allow, reason, grant, 0, 0, maxsec}, '|')
-  redis.call('HSET', sess, 'st', allow == 1 and 'auth' or 'deny', 'res', res, 'sid', ARGV[2],
-    'ch', ARGV[3], 'dir', direction, 'dst', ARGV[5], 'setup', now, 'node', ARGV[15])
-  return {allow, reason, grant, 0, 0, maxsec, ''}
-end
-
-local function deny(reason)
-  local out = decide(0, reason, 0, 0)
-  redis.call('EXPIRE', sess, 3600)
-  redis.call('XADD', events, '*', 'type', 'deny', 'session', ARGV[2], 'reason', reason,
-    'dir', direction, 'dst', ARGV[5], 'at', now)
-  return out
-end
-
-if a[1] == 'blocked' then return deny('BLOCKED') end
+local function deny(reason) return {0, reason, '', 0, 0, ''} end
+if status == 'blocked' then return deny('BLOCKED') end
 -- The seeds' automatic block: at zero credit no calls either way until money arrives.
 if balance + credit <= 0 then return deny('NO_FUNDS') end
 if ARGV[7] == '0' then return deny('NO_RATE') end
 if ARGV[13] == '1' then return deny('DEST_BLOCKED') end
-local max_channels = num(a[6])
-if max_channels > 0 and num(a[5]) >= max_channels then return deny('CHANNEL_LIMIT') end
-local cps = num(a[8])
+local max_channels = num(a[5])
+if max_channels > 0 and num(a[4]) >= max_channels then return deny('CHANNEL_LIMIT') end
+local cps = num(a[6])
 if cps > 0 then
   local second = idiv(now, 1000)
-  local count = (num(a[9]) == second) and num(a[10]) or 0
+  local count = (num(a[7]) == second) and num(a[8]) or 0
   if count >= cps then return deny('RATE_LIMIT') end
   redis.call('HSET', acct, 'cps_s', second, 'cps_n', count + 1)
 end
 
-local maxsec = affordable(avail, r, cf, i, s)
+local maxsec = affordable(balance + credit - reserved, r, cf, i, s)
 if maxsec < 0 then return deny('NO_FUNDS') end
-local grant = slice_target(0, quota, i, s)
+local grant = slice_target(0, num(ARGV[14]), i, s)
 if grant > maxsec then grant = maxsec end
 local hold = cost_of(grant, r, cf)
 
 redis.call('HINCRBY', acct, 'reserved', hold)
 redis.call('HINCRBY', acct, 'channels', 1)
-decide(1, 'OK', grant, maxsec)
-redis.call('HSET', sess, 'pfx', ARGV[8], 'r', r, 'cf', cf, 'i', i, 's', s, 'g', grant, 'hold', hold,
-  'fin', 0)
-redis.call('ZADD', live, now + num(ARGV[16]) * 1000, ARGV[3])
-redis.call('XADD', events, '*', 'type', 'auth', 'session', ARGV[2], 'hold', hold, 'grant', grant,
-  'at', now)
-return {1, 'OK', grant, 0, 0, maxsec, ''}
+-- Attempts are numbered per shard, so a session id is never used twice, even by a
+-- channel that lives longer than a finished session is remembered.
+local n = redis.call('INCR', seq)
+redis.call('DEL', sess)
+redis.call('HSET', sess, 'n', n, 'st', 'auth', 'acct', ARGV[2], 'ch', ARGV[3], 'dir', direction,
+  'dst', destination, 'setup', now, 'node', ARGV[15], 'pfx', ARGV[8], 'r', r, 'cf', cf, 'i', i,
+  's', s, 'g', grant, 'hold', hold, 'fin', 0, 'mx', maxsec)
+-- Not answered by the time the PBX's own timeout has ended it: the sweeper frees it.
+redis.call('ZADD', live, now + (ring_s + grant + grace_s + stale_s) * 1000, member)
+return {1, 'OK', member .. '/' .. n, grant, maxsec, ''}

@@ -1,8 +1,11 @@
 -- Shared by every callguard script (prepended to each one).
 -- Money is integer micro-units and time integer milliseconds. Lua numbers are
 -- doubles: exact for integers below 2^53, so division is corrected to be exact.
+-- Every key a script touches carries the same shard tag, so it runs on one
+-- Redis Cluster slot.
 local MAX_MONEY = 9007199254740991
 local MAX_SECONDS = 1000000  -- caps a billed duration (11.5 days) so rate*seconds stays exact
+local DONE_TTL = 60  -- seconds a finished session answers 'already' to a late duplicate
 
 local function idiv(a, b)
   local q = math.floor(a / b)
@@ -19,6 +22,8 @@ local function clock(arg)
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + idiv(tonumber(t[2]), 1000)
 end
+
+local function num(v) return tonumber(v) or 0 end
 
 -- DESIGN.md: billed = initial + ceil(max(0, d - initial) / subsequent) * subsequent
 local function billed_of(d, i, s)
@@ -58,10 +63,46 @@ local function slice_target(granted, quota, i, s)
   return granted + steps * s
 end
 
-local function num(v) return tonumber(v) or 0 end
-
 -- Account money fields as numbers: balance, credit limit, reserved.
 local function available(acct_key)
   local m = redis.call('HMGET', acct_key, 'balance', 'credit', 'reserved')
   return num(m[1]) + num(m[2]) - num(m[3])
+end
+
+-- End the session held in `sess`: rate what was talked, move it from reserved to spent,
+-- free the channel and queue the commit for the books (the shard's stream).
+-- mode 'reported': the PBX said it ended at end_ms (or now); it cannot have talked past
+--   the deadline pushed into it, the grant's end plus the grace.
+-- mode 'stale' / 'gone': nobody saw it end; it is charged up to its grant, never beyond.
+-- Returns cost, duration, billed.
+local function finish(acct, sess, live, events, member, now, end_arg, cause, mode, grace_s)
+  local f = redis.call('HMGET', sess, 'n', 'st', 'g', 'ge', 'hold', 'r', 'cf', 'i', 's', 'ans',
+    'acct', 'ch', 'dir', 'dst', 'pfx', 'setup', 'node')
+  local ended = now
+  if end_arg ~= nil and end_arg ~= '' and tonumber(end_arg) < now then ended = tonumber(end_arg) end
+  local r, cf, i, s = num(f[6]), num(f[7]), num(f[8]), num(f[9])
+  local cost, duration, billed = 0, 0, 0
+  if f[2] == 'ans' then
+    local answered, grant_end = num(f[10]), num(f[4])
+    local cap = grant_end
+    if mode == 'reported' then cap = grant_end + grace_s * 1000 end
+    if ended > cap then ended = cap end
+    if ended < answered then ended = answered end
+    duration = idiv(ended - answered, 1000)
+    billed = billed_of(duration, i, s)
+    cost = cost_of(billed, r, cf)
+  end
+  redis.call('HINCRBY', acct, 'reserved', 0 - num(f[5]))
+  redis.call('HINCRBY', acct, 'channels', -1)
+  if cost > 0 then redis.call('HINCRBY', acct, 'balance', 0 - cost) end
+  redis.call('ZREM', live, member)
+  redis.call('XADD', events, '*', 'type', 'commit', 'session', member .. '/' .. f[1],
+    'node', f[17] or '', 'dir', f[13], 'dst', f[14], 'pfx', f[15] or '',
+    'r', r, 'cf', cf, 'i', i, 's', s, 'setup', f[16], 'ans', f[10] or '', 'end', ended,
+    'dur', duration, 'billed', billed, 'cost', cost, 'cause', cause)
+  -- Only what a late duplicate needs stays, briefly.
+  redis.call('DEL', sess)
+  redis.call('HSET', sess, 'n', f[1], 'st', 'done', 'cost', cost, 'dur', duration, 'billed', billed)
+  redis.call('EXPIRE', sess, DONE_TTL)
+  return cost, duration, billed
 end

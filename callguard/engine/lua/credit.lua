@@ -1,6 +1,7 @@
 -- KEYS: acct, marker
--- ARGV: amount (signed micro-units), marker_ttl_s
--- Apply a money movement already booked in SQL, once per idempotency key.
+-- ARGV: amount (signed micro-units)
+-- Apply a money movement already booked in SQL, once: the marker (named after its ledger
+-- entry) stays for as long as the books' outbox still lists the movement, so a retry finds it.
 -- Returns {applied (0/1), balance}
 local acct, marker = KEYS[1], KEYS[2]
 local amount = tonumber(ARGV[1])
@@ -10,7 +11,7 @@ end
 if redis.call('EXISTS', acct) == 0 then return redis.error_reply('unknown account') end
 local balance = num(redis.call('HGET', acct, 'balance'))
 if math.abs(balance + amount) > MAX_MONEY then return redis.error_reply('balance out of range') end
-if redis.call('SET', marker, 1, 'NX', 'EX', tonumber(ARGV[2])) == false then return {0, balance} end
+if redis.call('SET', marker, 1, 'NX') == false then return {0, balance} end
 balance = balance + amount
 redis.call('HSET', acct, 'balance', balance)
 return {1, balance}

@@ -1,0 +1,32 @@
+"""redis outbox: movements and settings booked in SQL, not yet applied to Redis
+
+Revision ID: 0002
+Revises: 0001
+Create Date: 2026-12-01
+"""
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = '0002'
+down_revision = '0001'
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    op.create_table('redis_outbox',
+    sa.Column('id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
+    sa.Column('account', sa.String(length=64), nullable=False),
+    sa.Column('entry', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=True),
+    sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
+    sa.ForeignKeyConstraint(['account'], ['accounts.id'], ),
+    sa.ForeignKeyConstraint(['entry'], ['ledger.id'], ),
+    sa.PrimaryKeyConstraint('id')
+    )
+    with op.batch_alter_table('redis_outbox', schema=None) as batch_op:
+        batch_op.create_index(batch_op.f('ix_redis_outbox_account'), ['account'], unique=False)
+
+
+def downgrade() -> None:
+    op.drop_table('redis_outbox')

@@ -1,0 +1,263 @@
+"""`callguard account ...`: create, show and change accounts, and move their money."""
+
+from __future__ import annotations
+
+import click
+
+from .. import service
+from ..engine import state
+from ..engine.core import valid_account
+from ..money import format_display, format_full, parse_amount
+from .base import Refused, amount_option, app_of, cli, emit, refusals, report
+
+
+@cli.group()
+def account():
+    """Create, show and change customer accounts.
+
+    \b
+    Examples:
+      callguard account create 41441234567 --prepaid --balance 50.00
+      callguard account show 41441234567
+    """
+
+
+def account_json(app: service.App, row) -> dict:
+    live = state.account_state(app.redis, app.keys, row.id) or {}
+    reserved = live.get("reserved", 0)
+    balance = live.get("balance", row.balance)
+    credit = row.credit_limit if row.kind == "postpaid" else 0
+    return {
+        "account": row.id,
+        "kind": row.kind,
+        "currency": row.currency,
+        "status": row.status,
+        "block_reason": row.block_reason,
+        "plan": row.plan,
+        "balance": format_full(balance),
+        "credit_limit": format_full(credit),
+        "outstanding": format_full(-balance if row.kind == "postpaid" else 0),
+        "reserved": format_full(reserved),
+        "available": format_full(balance + credit - reserved),
+        "channels": live.get("channels", 0),
+        "max_channels": row.max_channels,
+        "cps_limit": row.cps_limit,
+        "warn_below": format_full(row.warn_below) if row.warn_below is not None else None,
+        "warn_at": format_full(row.warn_at) if row.warn_at is not None else None,
+        "email": row.email,
+    }
+
+
+def account_text(data: dict) -> str:
+    cur = data["currency"]
+
+    def money(name):
+        return f"{format_display(parse_amount(data[name], allow_negative=True))} {cur}"
+
+    status = data["status"] + (f" ({data['block_reason']})" if data["block_reason"] else "")
+    lines = [f"account     {data['account']} ({data['kind']}, plan {data['plan']})",
+             f"status      {status}"]
+    if data["kind"] == "prepaid":
+        lines.append(f"balance     {money('balance')}")
+    else:
+        lines += [f"outstanding {money('outstanding')}", f"credit      {money('credit_limit')}"]
+    lines += [f"reserved    {money('reserved')}", f"available   {money('available')}",
+              f"channels    {data['channels']} of {data['max_channels'] or 'unlimited'}"]
+    return "\n".join(lines)
+
+
+@account.command("create")
+@click.argument("account_id", metavar="ACCT")
+@click.option("--prepaid", "kind", flag_value="prepaid", help="Pays in advance: a balance.")
+@click.option("--postpaid", "kind", flag_value="postpaid", help="Pays by invoice: a credit limit.")
+@click.option("--balance", callback=amount_option, help="Opening balance (prepaid).")
+@click.option("--credit-limit", callback=amount_option, help="Credit limit (postpaid).")
+@click.option("--warn-below", callback=amount_option, help="Prepaid warning level, e.g. 10.00.")
+@click.option("--warn-at", callback=amount_option, help="Postpaid warning level.")
+@click.option("--currency", default="CHF", show_default=True, help="ISO 4217 code.")
+@click.option("--max-channels", type=click.IntRange(0, 100000), default=10, show_default=True,
+              help="Concurrent calls allowed (0: unlimited).")
+@click.option("--cps-limit", type=click.IntRange(0, 10000), default=0,
+              help="Call setups per second allowed (0: unlimited).")
+@click.option("--plan", help="Rate plan (default: 'default').")
+@click.option("--email", help="Contact address for notices.")
+@click.pass_context
+@refusals
+def account_create(ctx, account_id, kind, balance, credit_limit, warn_below, warn_at, currency,
+                   max_channels, cps_limit, plan, email):
+    """Create an account; ACCT is the PBX accountcode.
+
+    \b
+    Examples:
+      callguard account create 41441234567 --prepaid --balance 50.00 --warn-below 10.00
+      callguard account create 4144555 --postpaid --credit-limit 300.00 --warn-at 200.00
+    """
+    if kind is None:
+        raise click.UsageError("say --prepaid or --postpaid")
+    if not valid_account(account_id):
+        raise Refused(f"invalid account id {account_id!r} (letters, digits, . _ -; up to 64)")
+    if kind == "prepaid" and (credit_limit is not None or warn_at is not None):
+        raise Refused("a prepaid account has no credit limit (use --balance, --warn-below)")
+    if kind == "postpaid" and (balance is not None or warn_below is not None):
+        raise Refused("a postpaid account has no balance to set (use --credit-limit, --warn-at)")
+    if len(currency) != 3 or not currency.isalpha():
+        raise Refused(f"currency must be a three-letter code, not {currency!r}")
+    row, applied = service.create_account(
+        app_of(ctx), account_id, opening_balance=balance or 0, kind=kind,
+        currency=currency.upper(), credit_limit=credit_limit or 0, warn_below=warn_below,
+        warn_at=warn_at, max_channels=max_channels, cps_limit=cps_limit, plan=plan, email=email,
+    )
+    report(applied, f"created {row.kind} account {row.id}")
+
+
+@account.command("show")
+@click.argument("account_id", metavar="ACCT")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+@refusals
+def account_show(ctx, account_id, as_json):
+    """Show an account's money, status and channels, live from Redis.
+
+    \b
+    Example:
+      callguard account show 41441234567 --json
+    """
+    app = app_of(ctx)
+    data = account_json(app, app.books.get_account(account_id))
+    emit(data, as_json, account_text(data))
+
+
+@account.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+@refusals
+def account_list(ctx, as_json):
+    """List every account.
+
+    \b
+    Example:
+      callguard account list --json
+    """
+    app = app_of(ctx)
+    rows = [account_json(app, row) for row in app.books.list_accounts()]
+    lines = [f"{'ACCOUNT':<20} {'KIND':<9} {'STATUS':<8} {'AVAILABLE':>14} CHANNELS"]
+    for d in rows:
+        avail = format_display(parse_amount(d["available"], allow_negative=True))
+        lines.append(f"{d['account']:<20} {d['kind']:<9} {d['status']:<8} "
+                     f"{avail + ' ' + d['currency']:>14} {d['channels']}/{d['max_channels']}")
+    emit(rows, as_json, "\n".join(lines))
+
+
+@account.command("set")
+@click.argument("account_id", metavar="ACCT")
+@click.option("--max-channels", type=click.IntRange(0, 100000))
+@click.option("--cps-limit", type=click.IntRange(0, 10000))
+@click.option("--warn-below", callback=amount_option)
+@click.option("--credit-limit", callback=amount_option)
+@click.option("--warn-at", callback=amount_option)
+@click.option("--plan")
+@click.option("--email")
+@click.option("--payment-method", help="Token of the stored card for auto top-up.")
+@click.option("--auto-topup-below", callback=amount_option)
+@click.option("--auto-topup-amount", callback=amount_option)
+@click.pass_context
+@refusals
+def account_set(ctx, account_id, **options):
+    """Change an account's limits, plan or contact.
+
+    \b
+    Example:
+      callguard account set 41441234567 --max-channels 4 --warn-below 5.00
+    """
+    changes = {k: v for k, v in options.items() if v is not None}
+    if not changes:
+        raise click.UsageError("nothing to change: give at least one option")
+    _, applied = service.update_account(app_of(ctx), account_id, **changes)
+    report(applied, f"updated account {account_id}: {', '.join(sorted(changes))}")
+
+
+# A negative amount ("-5.00") is an argument, not an unknown option.
+MONEY_SETTINGS = {"ignore_unknown_options": True}
+
+
+def _money_command(kind: str):
+    @click.argument("account_id", metavar="ACCT")
+    @click.argument("amount")
+    @click.option("--ref", help="Reference (bank transfer, receipt); the same reference is "
+                                "never booked twice.")
+    @click.pass_context
+    @refusals
+    def command(ctx, account_id, amount, ref):
+        micros = parse_amount(amount, allow_zero=False, allow_negative=kind == "adjustment")
+        booking, applied = service.move_money(app_of(ctx), account_id, kind, micros, ref)
+        if booking.created:
+            done = (f"booked {kind} of {format_display(micros)} on {account_id} "
+                    f"(entry {booking.entry_id})")
+        elif applied.now:
+            done = f"already booked as entry {booking.entry_id}; applied to Redis now"
+        elif applied.in_redis:
+            done = f"already booked as entry {booking.entry_id}; nothing changed"
+        else:
+            done = f"already booked as entry {booking.entry_id}"
+        report(applied, done)
+
+    return command
+
+
+account.command(
+    "topup", context_settings=MONEY_SETTINGS,
+    help="Add prepaid credit; lifts a NO_FUNDS block.\n\n\b\nExample:\n"
+         "  callguard account topup 41441234567 20.00 --ref BANK-2026-118",
+)(_money_command("topup"))
+account.command(
+    "payment", context_settings=MONEY_SETTINGS,
+    help="Book a payment on a postpaid account: lowers what is outstanding and lifts a "
+         "credit-limit block.\n\n\b\nExample:\n  callguard account payment 4144555 250.00 "
+         "--ref INV-2026-11",
+)(_money_command("payment"))
+account.command(
+    "adjust", context_settings=MONEY_SETTINGS,
+    help="Correct a balance either way (a refund, a chargeback); negative lowers it.\n\n"
+         "\b\nExample:\n  callguard account adjust 41441234567 -2.50 --ref TICKET-7731",
+)(_money_command("adjustment"))
+
+
+@account.command("block")
+@click.argument("account_id", metavar="ACCT")
+@click.option("--reason", default="blocked by operator", show_default=True)
+@click.option("--hangup", is_flag=True, help="Also end the account's calls in progress.")
+@click.pass_context
+@refusals
+def account_block(ctx, account_id, reason, hangup):
+    """Block an account for calls in both directions.
+
+    \b
+    Example:
+      callguard account block 41441234567 --reason "fraud suspected" --hangup
+    """
+    app = app_of(ctx)
+    _, applied = service.update_account(app, account_id, status="blocked", block_reason=reason)
+    message = f"blocked {account_id}"
+    if hangup and applied.in_redis:
+        sessions = [s["session"] for s in service.live_sessions(app, account_id)]
+        service.kill(app, sessions)
+        message += f"; hanging up {len(sessions)} call(s)"
+    elif not applied.in_redis:
+        message += " in the books; its calls go on until Redis has it"
+    report(applied, message)
+
+
+@account.command("unblock")
+@click.argument("account_id", metavar="ACCT")
+@click.pass_context
+@refusals
+def account_unblock(ctx, account_id):
+    """Lift an operator's block.
+
+    \b
+    Example:
+      callguard account unblock 41441234567
+    """
+    _, applied = service.update_account(app_of(ctx), account_id, status="active",
+                                        block_reason=None)
+    report(applied, f"unblocked {account_id}")

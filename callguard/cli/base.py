@@ -1,0 +1,131 @@
+"""The root `callguard` group and what every command shares: one clear line for an
+expected failure, money arguments, output."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+
+import click
+import redis
+import sqlalchemy.exc
+
+from .. import service
+from ..books.database import upgrade
+from ..books.ledger import BooksError
+from ..config import ConfigError, load_settings
+from ..engine.connect import RedisUnavailable
+from ..engine.state import LayoutMismatch
+from ..money import AmountError, parse_amount
+from ..nodes import NodeClash
+from ..rating import NumberError
+
+log = logging.getLogger("callguard")
+
+
+class Refused(click.ClickException):
+    """An operation callguard refused: one line on stderr, exit 1."""
+
+    exit_code = 1
+
+    def show(self, file=None):
+        click.echo(f"callguard: {self.message}", err=True)
+
+
+def refusals(fn):
+    """Turn expected failures into one clear line; the details go to the log."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (BooksError, AmountError, NumberError, ConfigError, NodeClash, LayoutMismatch,
+                ValueError) as exc:
+            raise Refused(str(exc)) from None
+        except (redis.RedisError, RedisUnavailable) as exc:
+            log.debug("redis failure", exc_info=True)
+            raise Refused(f"Redis unavailable: {exc}") from None
+        except sqlalchemy.exc.OperationalError as exc:
+            log.debug("database failure", exc_info=True)
+            raise Refused(f"database unavailable or not migrated (run `callguard db upgrade`): "
+                          f"{exc.orig}") from None
+
+    return wrapper
+
+
+def app_of(ctx: click.Context) -> service.App:
+    return ctx.find_object(service.App)
+
+
+def amount_option(_ctx, param, value):
+    if value is None:
+        return None
+    try:
+        return parse_amount(value)
+    except AmountError as exc:
+        raise Refused(f"{param.name.replace('_', '-')}: {exc}") from None
+
+
+def emit(data, as_json: bool, human: str) -> None:
+    click.echo(json.dumps(data, indent=2) if as_json else human)
+
+
+def report(applied: service.Applied, done: str) -> None:
+    """What an operator operation did: booked, and in Redis now or later."""
+    click.echo(done)
+    if not applied.in_redis:
+        click.echo(f"callguard: Redis unavailable ({applied.error}): it is booked; Redis will "
+                   "be updated when it is reachable (by `callguard worker`, or the next "
+                   "callguard command)", err=True)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", "config_file", type=click.Path(dir_okay=False),
+              help="TOML settings file (also CALLGUARD_CONFIG).")
+@click.option("--home", help="State directory (CALLGUARD_HOME, default ./.callguard).")
+@click.option("--redis-url", help="Redis URL (CALLGUARD_REDIS_URL); default: embedded Redis.")
+@click.option("--database-url", help="SQLAlchemy URL (CALLGUARD_DATABASE_URL); default: SQLite.")
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+@click.pass_context
+def cli(ctx, config_file, home, redis_url, database_url, verbose):
+    """Live credit control for Asterisk and FreeSWITCH.
+
+    \b
+    Example:
+      callguard db upgrade
+      callguard account create 41441234567 --prepaid --balance 50.00
+    """
+    level = [logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)]
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        settings = load_settings(config_file, home=home, redis_url=redis_url,
+                                 database_url=database_url)
+    except ConfigError as exc:
+        raise Refused(str(exc)) from None
+    ctx.obj = service.App(settings)
+    ctx.call_on_close(ctx.obj.close)
+
+
+@cli.group()
+def db():
+    """The SQL books' schema.
+
+    \b
+    Example:
+      callguard db upgrade
+    """
+
+
+@db.command("upgrade")
+@click.pass_context
+@refusals
+def db_upgrade(ctx):
+    """Create the schema or migrate it to this version.
+
+    \b
+    Example:
+      callguard db upgrade
+    """
+    upgrade(app_of(ctx).books.engine)
+    click.echo("database schema is up to date")
