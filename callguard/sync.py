@@ -23,7 +23,7 @@ from .books.models import Account, Cdr, LedgerEntry
 from .engine import state
 from .engine.core import LAYOUT, SHARDS, SessionId, shard_of
 from .logs import Throttled
-from .service import App
+from .service import App, version_stamp
 
 log = logging.getLogger(__name__)
 
@@ -57,12 +57,18 @@ class Drain:
         self.warn_dead = Throttled(log, logging.ERROR)
 
     def run_once(self) -> int:
-        """Book what is waiting; returns how many entries were settled."""
-        done = 0
-        if self.reread:
-            done += self._read("0")
-            self.reread = False
-        return done + self._read(">")
+        """Book what is waiting; returns how many entries were settled. After a failure
+        (SQL or Redis away half way), what this consumer took stays pending under its
+        name: the next pass reads that first."""
+        try:
+            done = 0
+            if self.reread:
+                done += self._read("0")
+                self.reread = False
+            return done + self._read(">")
+        except Exception:
+            self.reread = True
+            raise
 
     def claim(self, idle_ms: int = 30_000) -> int:
         """Take over entries another consumer read and did not settle for `idle_ms` (it
@@ -112,9 +118,6 @@ class Drain:
                     self._dead_letter(shard, entry_id, fields, exc)
                     continue
                 booked.append(entry_id)
-        except SQL_OUTAGES:
-            self.reread = True  # what we took stays pending under our name: read it again
-            raise
         finally:
             self._settle(shard, booked)
         return len(booked)
@@ -174,7 +177,7 @@ def _unbooked(app: App, dead: bool) -> dict[str, list[dict]]:
                for c in state.pending_commits(app.redis, app.keys, shard, dead)]
     if not commits:
         return {}
-    sessions = {c["session"] for c in commits}
+    sessions = {c["session"] for c in commits if c.get("session")}
     booked: set[str] = set()
     listed = sorted(sessions)
     with app.books.session() as db:
@@ -183,8 +186,11 @@ def _unbooked(app: App, dead: bool) -> dict[str, list[dict]]:
                 Cdr.session.in_(listed[start:start + 500]))))
     out: dict[str, list[dict]] = defaultdict(list)
     for c in commits:
-        if c["session"] not in booked:
-            out[state.session_account(c["session"])].append(c)
+        if c.get("session") not in booked:
+            # A dead letter may be anything: name its account as best it can be read.
+            account = str(c.get("session") or "?").split("/", 1)[0][:64]
+            cost = c.get("cost", "0")
+            out[account].append({**c, "cost": int(cost) if str(cost).isdigit() else 0})
     return out
 
 
@@ -225,6 +231,10 @@ def _reconcile(app: App, only: list[str] | None) -> list[Difference]:
         elif not app.redis.exists(app.keys.marker(account, entry)):
             pending_credit[account] += amount
     lives = _account_states(app, ids)
+    for account, letters in sorted(dead.items()):
+        if only is None or account in only:
+            diffs += [Difference(account, "dead letter", f"no CDR for {c['session']}",
+                                 f"charged {c['cost']}: {c.get('error', '')}") for c in letters]
     for account in ids:
         row, live = rows.get(account), lives.get(account)
         if row is None or live is None:
@@ -233,9 +243,6 @@ def _reconcile(app: App, only: list[str] | None) -> list[Difference]:
         if ledger.get(account, 0) != row.balance:
             diffs.append(Difference(account, "balance vs ledger", str(row.balance),
                                     str(ledger.get(account, 0))))
-        for c in dead.get(account, []):
-            diffs.append(Difference(account, "dead letter", f"no CDR for {c['session']}",
-                                    f"charged {c['cost']}"))
         if pending_credit.get(account) or account in pending_settings:
             diffs.append(Difference(account, "not yet in Redis", "booked in the outbox",
                                     "Redis unreachable? the worker applies it"))
@@ -289,7 +296,7 @@ def rebuild(app: App) -> int:
                        .values(balance=Account.balance))  # the row lock
             row = db.get(Account, account_id)
             mine = sorted({c["session"] for c in commits
-                           if c["session"].startswith(account_id + "/")})
+                           if c.get("session", "").startswith(account_id + "/")})
             booked = list(db.scalars(select(Cdr.session).where(Cdr.session.in_(mine)))) \
                 if mine else []
             state.push_account(r, keys, row)
@@ -300,8 +307,6 @@ def rebuild(app: App) -> int:
                  *(keys.marker(account_id, e) for e in pending[account_id])],
                 [row.balance, account_id + "/", *booked])
         count += 1
-    from .service import version_stamp
-
     r.set(keys.plans_version, version_stamp(app))
     return count
 

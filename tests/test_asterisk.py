@@ -5,7 +5,6 @@ a test says `speed`; the adapter and the simulation share that clock."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import socket
 
@@ -15,65 +14,11 @@ from callguard import service
 from callguard.adapters.asterisk import AsteriskAdapter
 from callguard.clock import Clock
 from callguard.rating import Rate
-from callguard.service import App
 from callguard.simulator.asterisk import SimulatedAsterisk
 from callguard.supervision import CallState
 
+from asterisk_rig import ACCT, PREMIUM, app_with, rig, run, until
 from engine_helpers import T0, prepaid, setup_plan, snapshot
-
-ACCT = "41441234567"
-PREMIUM = "41901234567"  # CHF 3.00/min, 1/1 (engine_helpers.PREMIUM)
-
-
-@contextlib.asynccontextmanager
-async def rig(app: App, speed: float = 1.0, ami: bool = True, nodes=("node-a",), clock=None,
-              timestamp_events: bool = False, **settings):
-    """A simulated Asterisk and N `serve asterisk` adapters sharing one clock."""
-    clock = clock or Clock(speed)
-    sim = SimulatedAsterisk(agi_port=0, clock=clock, timestamp_events=timestamp_events)
-    await sim.start()
-    adapters = []
-    settings.setdefault("agi_budget_ms", 2000)  # a loaded CI box is slow, not down
-    for node in nodes:
-        s = dataclasses.replace(app.settings, ami_url=sim.ami_url if ami else None, node=node,
-                                **settings)
-        adapter = AsteriskAdapter(_app(app, s), clock)
-        await adapter.start("127.0.0.1", 0)
-        adapters.append(adapter)
-    sim.agi_port = adapters[0].port
-    if ami:
-        await asyncio.gather(*(asyncio.wait_for(a.ami.connected.wait(), 5) for a in adapters))
-    try:
-        yield sim, adapters
-    finally:
-        for waited in range(200):  # let the last Hangup events arrive and commit
-            if not any(a.supervisor.sessions for a in adapters) or (
-                    not sim.calls and waited > 20):
-                break
-            await asyncio.sleep(0.01)
-        for adapter in adapters:
-            await adapter.stop()
-        await sim.stop()
-    assert sim.violations == []
-
-
-def _app(app: App, settings) -> App:
-    other = App(settings)
-    other.__dict__.update({k: v for k, v in app.__dict__.items()
-                           if k in ("books", "redis_url", "redis")})
-    return other
-
-
-def run(coro):
-    return asyncio.run(asyncio.wait_for(coro, 60))
-
-
-async def until(predicate, what: str, timeout: float = 5.0, diagnose=lambda: "") -> None:
-    for _ in range(int(timeout / 0.01)):
-        if predicate():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"timed out waiting for {what} {diagnose()}")
 
 
 @pytest.fixture
@@ -263,7 +208,7 @@ def test_fail_closed_and_fail_open_when_redis_is_down(plan, tmp_path):
     down = "redis://127.0.0.1:1/0"
 
     async def scenario(policy):
-        app = _app(plan, dataclasses.replace(plan.settings, failure_policy=policy))
+        app = app_with(plan, dataclasses.replace(plan.settings, failure_policy=policy))
         app.__dict__["redis_url"] = down
         async with rig(app) as (sim, _):
             return await sim.call(ACCT, PREMIUM, ring=0.1, talk=0.1)
@@ -285,7 +230,7 @@ def test_restart_resumes_live_calls_and_closes_gone_ones(plan):
         sim = SimulatedAsterisk(agi_port=0, clock=clock)
         await sim.start()
         settings = dataclasses.replace(plan.settings, ami_url=sim.ami_url, node="node-a")
-        first = AsteriskAdapter(_app(plan, settings), clock)
+        first = AsteriskAdapter(app_with(plan, settings), clock)
         await first.start("127.0.0.1", 0)
         sim.agi_port = first.port
         await first.ami.connected.wait()
@@ -296,7 +241,7 @@ def test_restart_resumes_live_calls_and_closes_gone_ones(plan):
                     "both calls answered")
         await first.stop()  # callguard goes away; one call ends while nobody watches
         await leaving
-        second = AsteriskAdapter(_app(plan, settings), clock)
+        second = AsteriskAdapter(app_with(plan, settings), clock)
         await second.start("127.0.0.1", 0)
         sim.agi_port = second.port
         await asyncio.wait_for(second.ami.connected.wait(), 5)
@@ -346,6 +291,24 @@ def test_hostile_peers_get_a_deny_and_the_server_keeps_serving(plan, payload):
     reply, call = run(scenario())
     assert b'SET VARIABLE CALLGUARD_RESULT "DENY"' in reply and b"BAD_REQUEST" in reply
     assert call.allowed  # still serving
+
+
+@pytest.mark.parametrize("uniqueid", ["1795236355.1310\x00", "9" * 200, "a/b", ""])
+def test_channel_ids_no_pbx_produces_are_refused_and_nothing_is_held(plan, uniqueid):
+    """A NUL or a 200-character unique id would make a session id no column can hold."""
+    prepaid(plan, ACCT, balance=50_000_000)
+
+    async def scenario():
+        async with rig(plan) as (sim, adapters):
+            call = sim.new_call(ACCT, PREMIUM)
+            headers = b"".join(sim.agi_headers(call, "authorize")).replace(
+                f"agi_uniqueid: {call.uniqueid}".encode(), f"agi_uniqueid: {uniqueid}".encode())
+            return await asyncio.to_thread(_raw, adapters[0].port, headers)
+
+    reply = run(scenario())
+    assert b'SET VARIABLE CALLGUARD_RESULT "DENY"' in reply and b"BAD_REQUEST" in reply
+    state = snapshot(plan, ACCT)
+    assert (state["reserved"], state["channels"]) == (0, 0)
 
 
 def test_silent_and_vanishing_peers_cost_bounded_time(plan, monkeypatch):

@@ -197,6 +197,23 @@ def test_topup_with_the_same_ref_books_once(app, run, accounts):
         [("topup", 50_000_000, "opening balance"), ("topup", 20_000_000, "X")]
 
 
+def test_a_reference_as_long_as_its_column_books_once(app, run, accounts):
+    ref = "R" * 200
+    assert ok(run("account", "topup", P, "1", "--ref", ref)).startswith("booked topup of 1.00")
+    assert "nothing changed" in ok(run("account", "topup", P, "1", "--ref", ref))
+    assert show(run, P)["balance"] == "51.000000"
+    assert app.books.ledger(P)[-1].reference == ref
+
+
+def test_adjust_moves_the_balance_either_way(app, run, accounts):
+    assert ok(run("account", "adjust", P, "-2.50", "--ref", "T-1")).startswith(
+        "booked adjustment of -2.50")
+    ok(run("account", "adjust", Q, "1.25", "--ref", "T-2"))
+    assert show(run, P)["balance"] == "47.500000"
+    assert show(run, Q)["outstanding"] == "-1.250000"
+    assert [e.kind for e in app.books.ledger(P)][-1] == "adjustment"
+
+
 def test_topups_without_ref_are_separate(run, accounts):
     ok(run("account", "topup", P, "1"))
     ok(run("account", "topup", P, "1"))
@@ -268,6 +285,17 @@ REFUSALS = [
     (("account", "set", P, "--plan", "gold"), "unknown rate plan gold"),
     (("account", "set", P, "--warn-below", "abc"), "warn-below", "'abc'"),
     (("account", "set", Q, "--credit-limit", "1e3"), "credit-limit", "'1e3'"),
+    # Text is checked against its column before SQL sees it (PostgreSQL would raise,
+    # SQLite would keep 5,000 characters); a refused block leaves the account active.
+    (("account", "topup", P, "5", "--ref", "r" * 201), "reference is longer than 200"),
+    (("account", "block", P, "--reason", "x" * 5000), "reason is longer than 200"),
+    (("account", "block", P, "--reason", "a\x00b"), "control characters"),
+    (("account", "set", P, "--email", "notanemail"), "not an email address"),
+    (("account", "set", P, "--email", "a@b.c" + "c" * 250), "email is longer than 254"),
+    (("account", "set", P, "--payment-method", "t" * 201), "payment method is longer"),
+    (("account", "topup", P, "-5"), "negative"),
+    (("account", "adjust", P, "0"), "greater than zero"),
+    (("account", "adjust", P, "1e3"), "'1e3'"),
 ]
 
 

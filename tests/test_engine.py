@@ -372,6 +372,23 @@ def test_an_unanswered_session_is_released_once_the_pbx_gave_up_on_it(app, eng):
     assert (state_["reserved"], state_["channels"], state_["balance"]) == (0, 0, 50_000_000)
 
 
+def test_the_worker_sweeps_only_what_no_live_node_holds(app, eng):
+    """A live serve process may still be retrying a commit with its real end time (Redis
+    was away): its sessions are its own to close; a dead node's are the worker's."""
+    from callguard.engine.runner import SyncEngine
+    from callguard.nodes import NodeLease
+
+    prepaid(app)
+    alive = SyncEngine(app.redis, app.ops("serve-alive"))
+    dead = SyncEngine(app.redis, app.ops("serve-dead"))
+    NodeLease(app.engine, "serve-alive").acquire()
+    mine = alive.authorize("41441234567", "41901234567", "outbound", "c1", now_ms=T0)
+    gone = dead.authorize("41441234567", "41901234567", "outbound", "c2", now_ms=T0)
+    later = T0 + 3_600_000
+    assert service.sweep(app, now_ms=later) == [gone.session]
+    assert service.sweep(app, now_ms=later, node="serve-alive") == [mine.session]
+
+
 # -- scale -------------------------------------------------------------------------------
 
 def _commands(client, name: str) -> int:

@@ -204,15 +204,22 @@ class Books:
     # -- calls ------------------------------------------------------------
     def record_call(self, cdr: dict) -> bool:
         """Book a finished call's CDR and its charge in one transaction, once per session."""
+        try:
+            return self._record_call(cdr)
+        except IntegrityError:
+            # A concurrent writer booked the same session between our check and insert;
+            # any other violation (an account the books do not have) is the entry's fault.
+            with self.session() as db:
+                if db.scalar(select(Cdr.id).where(Cdr.session == cdr["session"])) is None:
+                    raise
+            return False
+
+    def _record_call(self, cdr: dict) -> bool:
         with self.session.begin() as db:
             if db.scalar(select(Cdr.id).where(Cdr.session == cdr["session"])) is not None:
                 return False
             db.add(Cdr(**cdr))
-            try:
-                db.flush()
-            except IntegrityError:
-                db.rollback()
-                return False
+            db.flush()
             if cdr["cost"]:
                 self.book(
                     cdr["account"], "call_charge", -cdr["cost"], f"call:{cdr['session']}",

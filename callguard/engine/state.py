@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import redis
 
-from .core import LAYOUT, SHARDS, Keys, SessionId, shard_of
+from .core import LAYOUT, SHARDS, Keys, shard_of
 
 GROUP = "books"  # the worker's consumer group on every shard's event stream
 CONFIG_FIELDS = ("kind", "status", "reason", "credit", "max_channels", "plan", "cps", "currency")
@@ -113,6 +113,3 @@ def pending_commits(client, keys: Keys, shard: int, dead: bool = False) -> list[
     stream = keys.dead(shard) if dead else keys.events(shard)
     return [fields for _, fields in client.xrange(stream) if fields.get("type") == "commit"]
 
-
-def session_account(session: str) -> str:
-    return SessionId.parse(session).account

@@ -337,15 +337,19 @@ class SimulatedAsterisk:
         await self.clock.sleep(ring)  # Dial: the callee rings
         if call.ended.is_set():
             return call
-        call.answered_at = self.clock.monotonic()
-        self.emit(self._event("DialEnd", call, state="Ring", extra=[
-            f"DestChannel: Local/{exten}@farend-00000001;1", "DestChannelState: 6",
-            "DestChannelStateDesc: Up", f"DestUniqueid: {call.uniqueid}9", "DialStatus: ANSWER"]))
-        self.emit(self._event("Newstate", call))
+        self.answer(call)
         call.talk = asyncio.get_running_loop().call_later(self.clock.real(talk), self.hangup,
                                                           call, 16)
         await call.ended.wait()
         return call
+
+    def answer(self, call: SimCall) -> None:
+        """The callee picks up: Dial answers the caller (DialEnd, then Newstate Up)."""
+        call.answered_at = self.clock.monotonic()
+        self.emit(self._event("DialEnd", call, state="Ring", extra=[
+            f"DestChannel: Local/{call.exten}@farend-00000001;1", "DestChannelState: 6",
+            "DestChannelStateDesc: Up", f"DestUniqueid: {call.uniqueid}9", "DialStatus: ANSWER"]))
+        self.emit(self._event("Newstate", call))
 
     # -- FastAGI client ------------------------------------------------------------------
     def agi_headers(self, call: SimCall, script: str) -> list[bytes]:

@@ -1,0 +1,70 @@
+"""The rig of the Asterisk tests: a simulated Asterisk and `serve asterisk` adapters
+in this process, sharing one clock, on this test's Redis and books."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+
+from callguard.adapters.asterisk import AsteriskAdapter
+from callguard.clock import Clock
+from callguard.service import App
+from callguard.simulator.asterisk import SimulatedAsterisk
+
+ACCT = "41441234567"
+PREMIUM = "41901234567"  # CHF 3.00/min, 1/1 (engine_helpers.PREMIUM)
+
+
+@contextlib.asynccontextmanager
+async def rig(app: App, speed: float = 1.0, ami: bool = True, nodes=("node-a",), clock=None,
+              timestamp_events: bool = False, ami_timing=None, **settings):
+    """A simulated Asterisk and N `serve asterisk` adapters sharing one clock."""
+    clock = clock or Clock(speed)
+    sim = SimulatedAsterisk(agi_port=0, clock=clock, timestamp_events=timestamp_events)
+    await sim.start()
+    adapters = []
+    settings.setdefault("agi_budget_ms", 2000)  # a loaded CI box is slow, not down
+    for node in nodes:
+        s = dataclasses.replace(app.settings, ami_url=sim.ami_url if ami else None, node=node,
+                                **settings)
+        adapter = AsteriskAdapter(app_with(app, s), clock)
+        if ami_timing and adapter.ami:  # (keepalive, action timeout), wall seconds
+            adapter.ami.keepalive, adapter.ami.timeout = ami_timing
+        await adapter.start("127.0.0.1", 0)
+        adapters.append(adapter)
+    sim.agi_port = adapters[0].port
+    if ami:
+        await asyncio.gather(*(asyncio.wait_for(a.ami.connected.wait(), 5) for a in adapters))
+    try:
+        yield sim, adapters
+    finally:
+        for waited in range(200):  # let the last Hangup events arrive and commit
+            if not any(a.supervisor.sessions for a in adapters) or (
+                    not sim.calls and waited > 20):
+                break
+            await asyncio.sleep(0.01)
+        for adapter in adapters:
+            await adapter.stop()
+        await sim.stop()
+    assert sim.violations == []
+
+
+def app_with(app: App, settings) -> App:
+    """Another App on the same books and Redis, with other settings."""
+    other = App(settings)
+    other.__dict__.update({k: v for k, v in app.__dict__.items()
+                           if k in ("books", "redis_url", "redis")})
+    return other
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 60))
+
+
+async def until(predicate, what: str, timeout: float = 5.0, diagnose=lambda: "") -> None:
+    for _ in range(int(timeout / 0.01)):
+        if predicate():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"timed out waiting for {what} {diagnose()}")
