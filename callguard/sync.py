@@ -16,6 +16,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 
+import redis
 import sqlalchemy.exc
 from sqlalchemy import func, select, update
 
@@ -91,42 +92,57 @@ class Drain:
         for shard in range(SHARDS):
             pipe.xreadgroup(state.GROUP, self.consumer, {keys.events(shard): start},
                             count=self.count)
-        done = 0
+        taken: list[tuple[int, str, dict]] = []
         for shard, reply in enumerate(pipe.execute(raise_on_error=False)):
             if isinstance(reply, Exception):
                 if "NOGROUP" in str(reply):
                     state.ensure_groups(app.redis, keys)
                     continue
                 raise reply
-            for _stream, entries in reply or []:
-                done += self._book(shard, entries)
-        return done
+            taken += [(shard, entry_id, fields) for _stream, entries in reply or []
+                      for entry_id, fields in entries]
+        if not taken:
+            return 0
+        self._book(taken)
+        return len(taken)
 
-    def _book(self, shard: int, entries: list) -> int:
-        booked: list[str] = []
+    def _book(self, taken: list[tuple[int, str, dict]]) -> None:
+        """Book a pass in one transaction; if that fails for anything but an outage, one
+        entry at a time, setting aside those that cannot be booked. Then settle them all."""
+        commits = [(shard, entry_id, fields) for shard, entry_id, fields in taken
+                   if fields and fields.get("type") == "commit"]
         try:
-            for entry_id, fields in entries:
-                if not fields:
-                    booked.append(entry_id)  # deleted under us (XDEL): nothing to book
-                    continue
+            self.app.books.record_calls([cdr_from_event(f) for _, _, f in commits])
+        except SQL_OUTAGES:
+            raise
+        except Exception:  # noqa: BLE001 - one of them is poisoned: find which
+            dead = set()
+            for shard, entry_id, fields in commits:
                 try:
-                    if fields.get("type") == "commit":
-                        self.app.books.record_call(cdr_from_event(fields))
+                    self.app.books.record_call(cdr_from_event(fields))
                 except SQL_OUTAGES:
                     raise
                 except Exception as exc:  # noqa: BLE001 - whatever it is, it is this entry's
                     self._dead_letter(shard, entry_id, fields, exc)
-                    continue
-                booked.append(entry_id)
-        finally:
-            self._settle(shard, booked)
-        return len(booked)
+                    dead.add((shard, entry_id))  # ids repeat across streams
+            taken = [t for t in taken if t[:2] not in dead]
+        by_shard: dict[int, list[str]] = defaultdict(list)
+        for shard, entry_id, _ in taken:
+            by_shard[shard].append(entry_id)
+        # One round trip for them all, where the client can pipeline scripts (redis-py's
+        # cluster pipeline cannot: there, one per shard).
+        cluster = isinstance(self.app.redis, redis.RedisCluster)
+        pipe = None if cluster else self.app.redis.pipeline(transaction=False)
+        for shard, ids in by_shard.items():
+            self._settle(shard, ids, pipe=pipe)
+        if pipe is not None:
+            pipe.execute()
 
-    def _settle(self, shard: int, ids: list[str], error: str = "") -> None:
-        if ids:
-            keys = self.app.keys
-            self.app.engine.script("settle", [keys.events(shard), keys.dead(shard)],
-                                   [state.GROUP, error, *ids])
+    def _settle(self, shard: int, ids: list[str], error: str = "", pipe=None) -> None:
+        keys = self.app.keys
+        self.app.engine.scripts["settle"](keys=[keys.events(shard), keys.dead(shard)],
+                                          args=[state.GROUP, error, *ids],
+                                          client=pipe or self.app.redis)
 
     def _dead_letter(self, shard: int, entry_id: str, fields: dict, exc: Exception) -> None:
         error = f"{type(exc).__name__}: {exc}".replace("\n", " ")[:300]

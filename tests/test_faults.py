@@ -18,6 +18,7 @@ import time
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
+import redis
 import sqlalchemy.exc
 from click.testing import CliRunner
 from sqlalchemy import func, select, text
@@ -71,6 +72,15 @@ def calls_ended(app: App, count: int, start: int = 0) -> list[str]:
     return sessions
 
 
+def taken(app: App) -> int:
+    """Entries a worker read and has not settled (0 before any worker made its group)."""
+    try:
+        return sum(app.redis.xpending(app.keys.events(n), "books")["pending"]
+                   for n in range(SHARDS))
+    except redis.ResponseError:
+        return 0
+
+
 def cdr_count(app: App) -> int:
     with app.books.session() as db:
         return db.scalar(select(func.count()).select_from(Cdr))
@@ -104,23 +114,28 @@ def all_booked(app: App, commits: int) -> None:
     assert sync.reconcile(app) == []
 
 
-def test_a_worker_killed_between_booking_and_acknowledging_loses_and_doubles_nothing(books_app):
+def test_a_worker_killed_between_booking_and_acknowledging_loses_and_doubles_nothing(
+        books_app, private_redis):
     app = books_app
     calls_ended(app, 300)
-    proc = worker(app)
-    try:
-        wait_for(lambda: cdr_count(app) >= 1, "the worker booking")
-        # Hold the account's row: the worker's next booking waits on it, with what it has
-        # booked so far committed and nothing acknowledged in Redis yet.
-        with app.books.engine.connect() as conn, conn.begin():
-            conn.execute(text("UPDATE accounts SET max_channels = max_channels WHERE id = :a"),
-                         {"a": ACCT})
-            booked = cdr_count(app)
+    r = private_redis.client()  # to pause it
+    # Hold the account's row: the worker reads the entries, then its booking waits on us.
+    with app.books.engine.connect() as conn:
+        lock = conn.begin()
+        conn.execute(text("UPDATE accounts SET max_channels = max_channels WHERE id = :a"),
+                     {"a": ACCT})
+        proc = worker(app)
+        try:
+            wait_for(lambda: taken(app) == 300, "the worker taking them")
+            r.execute_command("CLIENT", "PAUSE", 30_000, "WRITE")  # its acknowledgement waits
+            lock.commit()  # its booking goes through
+            wait_for(lambda: cdr_count(app) == 300, "the booking committed")
             proc.send_signal(signal.SIGKILL)
             proc.wait(timeout=10)
-    finally:
-        stop(proc)
-    assert 1 <= booked < 300 and pending(app) == 300
+        finally:
+            r.execute_command("CLIENT", "UNPAUSE")
+            stop(proc)
+    assert pending(app) == 300  # booked, none acknowledged
     # Booked but still in the stream: neither reconcile nor rebuild counts it twice.
     assert sync.reconcile(app) == []
     sync.rebuild(app)
@@ -216,16 +231,21 @@ def test_a_poisoned_entry_is_set_aside_and_the_others_are_booked(books_app, capl
         {**fields, "session": ACCT + "/" + "x" * 300 + "/1"},  # longer than any column
         {**fields, "session": f"{ACCT}/c8/8", "dst": "41\x00901"},  # NUL: PostgreSQL refuses
     ]
-    for poison in poisons:
-        app.redis.xadd(stream, poison)
     other = app.engine.authorize("4155", "41901234567", "outbound", "c1", now_ms=T0)
     app.engine.commit(other.session, "16", now_ms=T0 + 1)
+    [(other_id, _)] = app.redis.xrange(app.keys.events(shard_of("4155")))
+    # Entry ids repeat across streams: a dead letter must not take another shard's entry
+    # with it.
+    app.redis.xadd(stream, poisons[0], id=other_id)
+    for poison in poisons[1:]:
+        app.redis.xadd(stream, poison)
     with caplog.at_level(logging.ERROR, logger="callguard.sync"):
         sync.drain(app, "w1")
     booked = {c.session for c in app.books.cdrs()}
     assert {good, other.session} <= booked
     dead = app.redis.xrange(app.keys.dead(shard))
-    assert pending(app) == 0 and len(booked) + len(dead) == 2 + len(poisons)
+    assert pending(app) == 0
+    assert len(booked) + len(dead) == 2 + len(poisons)
     assert all(f.get("error") for _, f in dead)
     assert "dead letter" in caplog.text
     diffs = sync.reconcile(app)
@@ -314,15 +334,15 @@ def test_entries_taken_before_an_outage_are_read_again_by_the_same_worker(books_
     its name, and its next pass (not only its next start) books it."""
     app = books_app
     calls_ended(app, 3)
-    record, failures = app.books.record_call, []
+    record, failures = app.books.record_calls, []
 
-    def flaky(cdr):
+    def flaky(cdrs):
         if not failures:
-            failures.append(cdr["session"])
+            failures.append(len(cdrs))
             raise sqlalchemy.exc.OperationalError("INSERT", {}, Exception("server closed"))
-        return record(cdr)
+        return record(cdrs)
 
-    monkeypatch.setattr(app.books, "record_call", flaky)
+    monkeypatch.setattr(app.books, "record_calls", flaky)
     drain = sync.Drain(app, "w1")
     with pytest.raises(sqlalchemy.exc.OperationalError):
         drain.run_once()

@@ -41,7 +41,7 @@ def parse_ami_url(url: str) -> tuple[str, int, str, str]:
 class AMIClient:
     def __init__(self, url: str, on_event: Callable[[ami.AMIEvent], None],
                  on_login: Callable[[], Awaitable[None]] | None = None,
-                 events: str = "call", timeout: float = 3.0, keepalive: float = 5.0):
+                 events: str = "call", timeout: float = 3.0, keepalive: float = 2.0):
         self.host, self.port, self.username, self._secret = parse_ami_url(url)
         self.on_event = on_event
         self.on_login = on_login

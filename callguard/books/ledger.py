@@ -202,6 +202,23 @@ class Books:
                 db.execute(delete(RedisOutbox).where(RedisOutbox.id.in_(ids)))
 
     # -- calls ------------------------------------------------------------
+    def record_calls(self, cdrs: list[dict]) -> int:
+        """Book many finished calls in one transaction, each once; returns how many were
+        new. Any error books none of them (the caller then books one at a time)."""
+        if not cdrs:
+            return 0
+        with self.session.begin() as db:
+            sessions = [c["session"] for c in cdrs]
+            seen = set(db.scalars(select(Cdr.session).where(Cdr.session.in_(sessions))))
+            new = 0
+            for cdr in cdrs:
+                if cdr["session"] in seen:
+                    continue
+                seen.add(cdr["session"])
+                self._add_call(db, cdr)
+                new += 1
+        return new
+
     def record_call(self, cdr: dict) -> bool:
         """Book a finished call's CDR and its charge in one transaction, once per session."""
         try:
@@ -218,14 +235,15 @@ class Books:
         with self.session.begin() as db:
             if db.scalar(select(Cdr.id).where(Cdr.session == cdr["session"])) is not None:
                 return False
-            db.add(Cdr(**cdr))
-            db.flush()
-            if cdr["cost"]:
-                self.book(
-                    cdr["account"], "call_charge", -cdr["cost"], f"call:{cdr['session']}",
-                    reference=cdr["destination"], session=cdr["session"], db=db,
-                )
+            self._add_call(db, cdr)
         return True
+
+    def _add_call(self, db: Session, cdr: dict) -> None:
+        db.add(Cdr(**cdr))
+        db.flush()
+        if cdr["cost"]:
+            self.book(cdr["account"], "call_charge", -cdr["cost"], f"call:{cdr['session']}",
+                      reference=cdr["destination"], session=cdr["session"], db=db)
 
     def cdrs(self, account_id: str | None = None) -> list[Cdr]:
         query = select(Cdr).order_by(Cdr.id)
