@@ -177,12 +177,14 @@ class Generator:
         self.base = int(time.time())
         self.seq = 0
         self.drop_sessions = None  # set when the bench owns the accounts
+        self.placed: list[SimpleNamespace] = []  # FastAGI calls since the last drop_sessions
 
     def headers(self, i: int) -> list[bytes]:
         self.seq += 1
         call = SimpleNamespace(
             channel=f"PJSIP/bench-{self.seq:08x}", uniqueid=f"{self.base}.{self.seq}",
             account=self.accounts[self.seq % len(self.accounts)], exten=common.PREMIUM_NUMBER)
+        self.placed.append(call)
         return self.sim.agi_headers(call, HEADERS_SCRIPT)
 
     async def _connect(self, proto: AGICall) -> None:
@@ -275,13 +277,25 @@ class Generator:
 
 # -- the server under test ---------------------------------------------------------------------
 
-def start_target(args, env: BenchEnv | None) -> Subprocess | None:
+def start_target(args, env: BenchEnv | None,
+                 pbx: common.ThreadedAsterisk | None = None) -> Subprocess | None:
     if args.target == "redis":
         return None
     port = args.port or common.free_port()
     cpu = 1 if args.pin else None
     if args.target == "callguard":
-        server = serve_asterisk(env, port, cpu=cpu, **common.server_env(args))
+        # An AMI peer: without an event link the serve process denies every call
+        # (fail_closed); nothing is answered here, so it only tracks the calls it allows.
+        server = serve_asterisk(env, port, ami_url=pbx.ami_url, cpu=cpu,
+                                **common.server_env(args))
+        server.start()
+        deadline = time.monotonic() + 30
+        while not (pbx.logged_in() and pbx.actions("coreshowchannels")):
+            if time.monotonic() > deadline or server.proc.poll() is not None:
+                raise RuntimeError("the serve process did not log in to AMI and reconcile:\n"
+                                   + server.log_tail())
+            time.sleep(0.05)
+        return server
     else:
         argv = [sys.executable, str(Path(__file__).with_name("minimal_agi.py")),
                 "--port", str(port)] + (["--no-uvloop"] if args.no_uvloop_server else [])
@@ -326,6 +340,24 @@ def run_once(gen: Generator, meter_pids: dict, rate: float, duration: float,
     result["gen_us_per_call"] = result["gen_cpu"] / max(result["achieved"], 1e-9) * 1e6
     result["generator_bound"] = bool(result["lag_p99_ms"] > 20 or result["gen_cpu"] > 0.9)
     return result
+
+
+def end_calls(gen: Generator, env: BenchEnv, pbx: common.ThreadedAsterisk,
+              timeout: float = 120.0) -> None:
+    """After a run, not measured: the PBX's Hangup events for the calls placed, as a real
+    Asterisk sends them (the serve process commits and stops tracking each call it
+    allowed), then the sessions are dropped as before."""
+    placed, gen.placed = gen.placed, []
+    if placed:
+        pbx.hang_up(placed)
+        deadline = time.monotonic() + timeout
+        while env.redis_totals()["channels"]:
+            if time.monotonic() > deadline:
+                print(f"# {env.redis_totals()['channels']} channel(s) still held "
+                      f"{timeout:g} s after the Hangup events", flush=True)
+                break
+            time.sleep(0.05)
+    env.drop_sessions()
 
 
 def sustained(result: dict, max_error_rate: float) -> bool:
@@ -416,6 +448,7 @@ def main() -> int:
 
     env = BenchEnv(args.redis_url, keep=args.keep)  # a temp dir; Redis/SQL only if set up
     server = None
+    pbx = None
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     try:
@@ -425,7 +458,9 @@ def main() -> int:
                 env.setup(accounts=args.accounts)
                 print(f"# {args.accounts} accounts set up in {time.perf_counter() - t:.1f} s "
                       f"(prefix {env.prefix})")
-            server = start_target(args, env)
+            if args.target == "callguard":
+                pbx = common.ThreadedAsterisk()
+            server = start_target(args, env, pbx)
             engine = None
             if args.target == "redis":
                 from callguard.engine.connect import connect_async
@@ -441,7 +476,8 @@ def main() -> int:
             gen = Generator(args, args.target, server.port if server else None,
                             env.accounts if env else [], engine)
             if env.accounts:
-                gen.drop_sessions = env.drop_sessions
+                gen.drop_sessions = (lambda: end_calls(gen, env, pbx)) if pbx else \
+                    env.drop_sessions
             if engine is not None:
                 script = engine.client.register_script("return 1")
                 gen.trivial = (lambda keys, args: script(keys=keys, args=args))
@@ -494,6 +530,8 @@ def main() -> int:
         finally:
             if server:
                 server.stop()
+            if pbx:
+                pbx.stop()
         if server and args.gc_probe:
             gc_summary = common.gcprobe_summary(server.log_path)
             print(f"# server GC: {gc_summary}")

@@ -96,8 +96,10 @@ class BenchEnv:
         app.plans.replace(app.books.load_plans())
         for n in range(accounts):
             account = f"4144{n:07d}"
-            service.create_account(app, account, opening_balance=balance, kind="prepaid",
-                                   max_channels=0)
+            _row, applied = service.create_account(app, account, opening_balance=balance,
+                                                   kind="prepaid", max_channels=0)
+            if not applied.in_redis:
+                raise RuntimeError(f"account {account} booked but not in Redis: {applied.error}")
             self.accounts.append(account)
         return self
 
@@ -116,28 +118,37 @@ class BenchEnv:
         return env
 
     def redis_totals(self) -> dict[str, int]:
-        """Sum of reserved and channels over the accounts, and live session count."""
-        r = self.app.redis
+        """Sum of reserved and channels over the accounts, and live session count (the
+        shards' live sets; every one under this prefix is ours)."""
+        from callguard.engine.core import SHARDS
+
+        r, keys = self.app.redis, self.app.keys
         pipe = r.pipeline(transaction=False)
         for a in self.accounts:
-            pipe.hmget(self.app.keys.account(a), "reserved", "channels")
-            pipe.zcard(self.app.keys.live(a))
+            pipe.hmget(keys.account(a), "reserved", "channels")
+        for shard in range(SHARDS):
+            pipe.zcard(keys.live(shard))
         out = pipe.execute()
-        reserved = sum(int(x[0] or 0) for x in out[0::2])
-        channels = sum(int(x[1] or 0) for x in out[0::2])
-        return {"reserved": reserved, "channels": channels, "live": sum(out[1::2])}
+        accounts, live = out[:len(self.accounts)], out[len(self.accounts):]
+        reserved = sum(int(x[0] or 0) for x in accounts)
+        channels = sum(int(x[1] or 0) for x in accounts)
+        return {"reserved": reserved, "channels": channels, "live": sum(live)}
 
     def drop_sessions(self) -> int:
         """Forget every session (no PBX commits them here): the next measurement starts from
-        idle accounts, and the server's sweeper never closes old ones while it is measured."""
+        idle accounts, and the server's sweeper never closes old ones while it is measured.
+        The shards' live sets and event streams go too (nobody books these calls)."""
+        from callguard.engine.core import SHARDS
+
         client = self.app.redis
         sessions = list(client.scan_iter(match=f"{self.prefix}:*:s:*", count=5000))
         pipe = client.pipeline(transaction=False)
         for start in range(0, len(sessions), 5000):
             pipe.unlink(*sessions[start:start + 5000])
         keys = self.app.keys
+        for shard in range(SHARDS):
+            pipe.unlink(keys.live(shard), keys.events(shard))
         for a in self.accounts:
-            pipe.unlink(keys.live(a), keys.events(a))
             pipe.hset(keys.account(a), mapping={"reserved": 0, "channels": 0})
         pipe.execute()
         return len(sessions)
@@ -291,10 +302,76 @@ def callguard_argv(*args: str) -> list[str]:
 
 def serve_asterisk(env: BenchEnv, port: int, ami_url: str | None = None,
                    cpu: int | None = None, **extra_env) -> Subprocess:
-    """`callguard serve asterisk` for this installation, FastAGI on 127.0.0.1:port."""
-    e = env.env(CALLGUARD_AGI_BIND=f"127.0.0.1:{port}", CALLGUARD_AMI_URL=ami_url, **extra_env)
+    """`callguard serve asterisk` for this installation, FastAGI on 127.0.0.1:port, with
+    its own node identity. Without `ami_url` it denies every call (fail_closed)."""
+    e = env.env(CALLGUARD_AGI_BIND=f"127.0.0.1:{port}", CALLGUARD_AMI_URL=ami_url,
+                CALLGUARD_NODE=f"{env.settings.node}-serve-{port}", **extra_env)
     return Subprocess(callguard_argv("serve", "asterisk"), e,
                       env.tmp / f"serve-{port}.log", port, cpu=cpu)
+
+
+class ThreadedAsterisk:
+    """The simulated Asterisk's AMI server on its own event loop in a thread: an AMI peer
+    for a serve process that keeps answering (keepalive pings) while this process's own
+    loop is stopped or busy, e.g. between the runs of a load generator. It also ends
+    calls the generator placed, with the Hangup events a real Asterisk sends."""
+
+    def __init__(self):
+        import asyncio
+        import threading
+
+        from callguard.simulator.asterisk import SimulatedAsterisk
+
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="ami-peer",
+                                       daemon=True)
+        self.thread.start()
+        self.sim = SimulatedAsterisk(agi_port=0)
+        self._call(self.sim.start())
+
+    def _call(self, coro, timeout: float | None = 30.0):
+        import asyncio
+
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    @property
+    def ami_url(self) -> str:
+        return self.sim.ami_url
+
+    def logged_in(self) -> int:
+        """AMI sessions that logged in and listen for events."""
+        return len(self.sim._listeners)
+
+    def actions(self, name: str) -> int:
+        return sum(1 for a in self.sim.actions if a.get("Action", "").lower() == name)
+
+    def hang_up(self, calls) -> int:
+        """Send a Hangup event (cause 16) for each call (anything with the SimCall fields
+        channel, uniqueid, account, exten); returns how many."""
+        calls = list(calls)
+
+        async def send():
+            for start in range(0, len(calls), 1000):
+                self.sim.emit(b"".join(
+                    self.sim._event("Hangup", c, extra=["Cause: 16", "Cause-txt: Normal Clearing"])
+                    for c in calls[start:start + 1000]))
+                for writer in list(self.sim._listeners):
+                    if not writer.is_closing():
+                        try:
+                            await writer.drain()
+                        except ConnectionError:
+                            pass
+            return len(calls)
+
+        return self._call(send(), timeout=None)
+
+    def stop(self) -> None:
+        try:
+            self._call(self.sim.stop(), timeout=10)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(10)
+            self.loop.close()
 
 
 # -- meters -----------------------------------------------------------------------------------

@@ -35,12 +35,15 @@ def engine_run(app, sc: demo.Scenario, hangup_latency_ms: int, crash_at: float |
     """Simulated time in ms; every call wants to talk `sc.talk` seconds."""
     rnd = random.Random(seed)
     eng, now = app.engine, 1_900_000_000_000
-    sup = Supervisor(quota=sc.quota, grace=app.settings.grace_seconds)
+    s = app.settings
+    sup = Supervisor(quota=sc.quota, grace=s.grace_seconds)
     allowed, ends, pbx_deadline = [], {}, {}
     for i in range(sc.calls):
         d = eng.authorize(demo.ACCOUNT, demo.NUMBER, "outbound", f"c{i}", now_ms=now)
         if d.allow:
-            sup.track(d.session, f"c{i}", d.session, now / 1000)
+            # Given up if never answered, as the serve process does (callguard/control.py).
+            expires = now / 1000 + s.ring_seconds + d.grant + 2 * s.grace_seconds
+            sup.track(d.session, f"c{i}", d.session, expires)
             allowed.append(d.session)
     answer_at = now + int(sc.ring * 1000)
     for session in allowed:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run every benchmark of bench/ in sequence, one output file each, for RESULTS-draft.md.
-#   bash bench/run_all.sh OUTDIR          # the full set (about 45 minutes on 2 cores)
+#   bash bench/run_all.sh OUTDIR          # the full set (about 50 minutes on 2 cores)
 #   bash bench/run_all.sh OUTDIR --quick  # every script's --quick smoke run
 set -u
 cd "$(dirname "$0")/.."
@@ -23,6 +23,7 @@ if [ "${2:-}" = "--quick" ]; then
   run quick-redis $PY bench/agi_load.py --quick --target redis
   run quick-findmax $PY bench/agi_load.py --quick --find-max
   run quick-supervise $PY bench/supervise.py --quick
+  run quick-scale $PY bench/scale.py --quick
   exit 0
 fi
 run callguard-1000 $PY bench/agi_load.py --target callguard --rate 1000 --duration 20 --runs 3
@@ -36,3 +37,4 @@ run supervise-20000 $PY bench/supervise.py --calls 20000 --quota 60 --duration 1
 run fraud $PY bench/fraud.py --runs 5
 run fraud-crash $PY bench/fraud.py --crash-at 30
 run fraud-e2e $PY bench/fraud.py --e2e
+run scale $PY bench/scale.py
