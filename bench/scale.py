@@ -14,7 +14,7 @@ Measured in this process, per repetition:
                  (the --calls calls up)
   sweep          one `service.sweep(app, now_ms=...)` with the calls up, none overdue
   drain, busy    one run_once() right after the calls were committed: it books --calls
-                 CDRs into SQLite (the time spent inside `books.record_call` is shown
+                 CDRs into SQLite (the time spent inside `books.record_calls` is shown
                  apart: "sql")
 each as wall time, this process's CPU (time.process_time) and the Redis server's CPU
 (/proc/PID/task/*/schedstat, nanoseconds; Redis is shared, so other clients' work in
@@ -116,8 +116,8 @@ def schedstat_ms(pid: int) -> float:
 
 class Timer:
     """Wraps one method of one object of this process (as an instance attribute: the
-    package is not touched) to tell its share of a pass apart: `books.record_call` (the
-    SQL booking) and `engine.script` (the settle script, one round trip per shard)."""
+    package is not touched) to tell its share of a pass apart: `books.record_calls`
+    (the SQL booking of the pass, one transaction)."""
 
     def __init__(self, obj, name: str):
         self.inner = getattr(obj, name)
@@ -280,8 +280,7 @@ class Installation:
     def measure_passes(self) -> dict:
         args, app = self.args, self.app
         drain = sync.Drain(app, "scale")
-        sql = Timer(app.books, "record_call")
-        settle = Timer(app.engine, "script")
+        sql = Timer(app.books, "record_calls")
         samples = {p: [] for p in PASSES}
         # Warm-up, not measured: scripts loaded, the consumer's pending list read once,
         # SQLAlchemy's statements compiled.
@@ -304,15 +303,13 @@ class Installation:
             samples["drain_idle"].append(m)
             self.commit_all(sessions)
             sql.reset()
-            settle.reset()
             done, m = self.timed(drain.run_once)
             if done != len(sessions):
                 raise RuntimeError(f"a busy drain settled {done} of {len(sessions)} commits")
             m.update(sql_wall_ms=sql.wall * 1e3, sql_cpu_ms=sql.cpu * 1e3,
                      redis_side_wall_ms=m["wall_ms"] - sql.wall * 1e3,
                      redis_side_client_cpu_ms=m["client_cpu_ms"] - sql.cpu * 1e3,
-                     booked=sql.calls, settle_wall_ms=settle.wall * 1e3,
-                     settle_scripts=settle.calls)
+                     booked=sql.calls)
             samples["drain_busy"].append(m)
             self.t_ms += 60_000
         # More idle passes, calls up: these two are cheap, so many more samples.
@@ -448,12 +445,10 @@ def report(result: dict) -> None:
         rows.append({"accounts": inst["load"]["accounts"], "wall ms": cell(s["wall_ms"]),
                      "of which SQL ms": cell(s["sql_wall_ms"]),
                      "without SQL ms": cell(s["redis_side_wall_ms"]),
-                     "settle scripts": cell(s["settle_scripts"], 0),
-                     "settle ms": cell(s["settle_wall_ms"]),
                      "client CPU without SQL ms": cell(s["redis_side_client_cpu_ms"]),
                      "Redis CPU ms": cell(s["redis_cpu_ms"])})
     print_table(rows, ["accounts", "wall ms", "of which SQL ms", "without SQL ms",
-                       "settle scripts", "settle ms", "client CPU without SQL ms",
+                       "client CPU without SQL ms",
                        "Redis CPU ms"],
                 f"busy drain: the SQLite booking ({result['calls']} CDR transactions) apart")
     rows = []

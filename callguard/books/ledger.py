@@ -7,14 +7,14 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from ..money import MAX_MICROS, format_display
 from ..rating import Rate, RatePlan
-from .models import Account, Cdr, LedgerEntry, RatePlanRow, RateRow, RedisOutbox
+from .models import Account, Cdr, LedgerEntry, RatePlanRow, RateRow, RedisOutbox, utcnow
 
 _EMAIL = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s.]+")
 
@@ -135,20 +135,7 @@ class Books:
         # Move the balance first. Its row lock orders concurrent bookings on PostgreSQL, and
         # it opens the write transaction on SQLite, whose driver only starts one at the first
         # write: a SAVEPOINT before that would commit the entry on its own at RELEASE.
-        moved = db.execute(
-            update(Account).where(
-                Account.id == account_id,
-                # Redis (Lua doubles) holds at most 2**53-1: refuse here, before anything
-                # is booked, rather than let SQL run ahead of Redis.
-                Account.balance + amount <= MAX_MICROS,
-                Account.balance + amount >= -MAX_MICROS,
-            ).values(balance=Account.balance + amount)
-        )
-        if moved.rowcount != 1:
-            if db.get(Account, account_id) is None:
-                raise BooksError(f"unknown account {account_id}")
-            raise BooksError(f"amount too large: the balance of {account_id} would go beyond "
-                             f"{format_display(MAX_MICROS)}")
+        self._move_balance(db, account_id, amount)
         entry = LedgerEntry(
             account=account_id, kind=kind, amount=amount, idempotency_key=key,
             reference=reference, session=session,
@@ -169,6 +156,23 @@ class Books:
                 raise
             return Booking(existing.id, existing.amount, False)
         return Booking(entry.id, amount, True)
+
+    @staticmethod
+    def _move_balance(db: Session, account_id: str, amount: int) -> None:
+        moved = db.execute(
+            update(Account).where(
+                Account.id == account_id,
+                # Redis (Lua doubles) holds at most 2**53-1: refuse here, before anything
+                # is booked, rather than let SQL run ahead of Redis.
+                Account.balance + amount <= MAX_MICROS,
+                Account.balance + amount >= -MAX_MICROS,
+            ).values(balance=Account.balance + amount)
+        )
+        if moved.rowcount != 1:
+            if db.get(Account, account_id) is None:
+                raise BooksError(f"unknown account {account_id}")
+            raise BooksError(f"amount too large: the balance of {account_id} would go beyond "
+                             f"{format_display(MAX_MICROS)}")
 
     def ledger_sum(self, account_id: str) -> int:
         with self.session() as db:
@@ -204,20 +208,35 @@ class Books:
     # -- calls ------------------------------------------------------------
     def record_calls(self, cdrs: list[dict]) -> int:
         """Book many finished calls in one transaction, each once; returns how many were
-        new. Any error books none of them (the caller then books one at a time)."""
+        new. Set-wise: one insert of the CDRs, one of their charges, one balance update
+        per account. Any error books none of them (the caller then books one at a time,
+        which says which one is at fault)."""
         if not cdrs:
             return 0
         with self.session.begin() as db:
             sessions = [c["session"] for c in cdrs]
             seen = set(db.scalars(select(Cdr.session).where(Cdr.session.in_(sessions))))
-            new = 0
+            new = []
             for cdr in cdrs:
-                if cdr["session"] in seen:
-                    continue
-                seen.add(cdr["session"])
-                self._add_call(db, cdr)
-                new += 1
-        return new
+                if cdr["session"] not in seen:
+                    seen.add(cdr["session"])
+                    new.append(cdr)
+            if not new:
+                return 0
+            charges: dict[str, int] = {}
+            for cdr in new:
+                charges[cdr["account"]] = charges.get(cdr["account"], 0) + cdr["cost"]
+            for account_id in sorted(a for a, total in charges.items() if total):
+                # Accounts in one order: two workers never wait on each other in a circle.
+                self._move_balance(db, account_id, -charges[account_id])
+            db.execute(insert(Cdr), new)
+            entries = [{"account": c["account"], "kind": "call_charge", "amount": -c["cost"],
+                        "idempotency_key": f"call:{c['session']}",
+                        "reference": c["destination"], "session": c["session"],
+                        "created_at": utcnow()} for c in new if c["cost"]]
+            if entries:
+                db.execute(insert(LedgerEntry), entries)
+        return len(new)
 
     def record_call(self, cdr: dict) -> bool:
         """Book a finished call's CDR and its charge in one transaction, once per session."""
