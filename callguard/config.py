@@ -52,8 +52,11 @@ class Settings:
             raise ConfigError(f"failure policy must be one of {', '.join(POLICIES)}")
         if not 1 <= self.quota_seconds <= 3600:
             raise ConfigError("quota seconds must be between 1 and 3600")
-        if not 1 <= self.ring_seconds <= 3600:
-            raise ConfigError("ring seconds must be between 1 and 3600")
+        for name, low, high in (("ring_seconds", 1, 3600), ("grace_seconds", 0, 60),
+                                ("stale_grace_seconds", 0, 3600), ("agi_budget_ms", 1, 60000),
+                                ("fail_open_grant", 1, 3600)):
+            if not low <= getattr(self, name) <= high:
+                raise ConfigError(f"{name.replace('_', ' ')} must be between {low} and {high}")
         if self.node is not None and not NODE_NAME.fullmatch(self.node):
             raise ConfigError(f"node name {self.node!r}: 1-64 letters, digits and . _ : @ -")
         for name in ("agi_bind", "esl_bind", "http_bind"):

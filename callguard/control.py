@@ -87,6 +87,7 @@ class CallControl:
         self.warn_blind = Throttled(log, logging.ERROR)
         self.warn_fail_open = Throttled(log, logging.ERROR)
         self.warn_commit = Throttled(log)
+        self.warn_plans = Throttled(log, interval=10.0)
         self.failed = asyncio.Event()  # the process must stop (its identity was taken)
         self._offset_ms = 0  # Redis clock minus ours, learned from the scripts' replies
         self._wake = asyncio.Event()
@@ -168,7 +169,7 @@ class CallControl:
             return denied(Reason.UNAVAILABLE)
         call = self.engine.ops.authorize(account, destination, direction, channel_id,
                                          self.clock.redis_now(),
-                                         quota=None if supervised else s.fail_open_grant)
+                                         blind=not supervised)
         if isinstance(call, Decision):
             return call
         try:
@@ -220,23 +221,34 @@ class CallControl:
 
     # -- what the PBX reports ------------------------------------------------------------
     def answered(self, channel_id: str, at_ms: int | None = None) -> None:
-        session = self.supervisor.answered(channel_id)
+        session = self.supervisor.answered(channel_id, at_ms or self.redis_ms())
         if session:
             self.spawn(self._answer(session, at_ms))
 
     def hung_up(self, channel_id: str, cause, at_ms: int | None = None) -> None:
         tracked = self.supervisor.hung_up(channel_id)
         if tracked:
+            # The answer's own time goes along: Redis may not have it yet (Redis away).
             self._commit_soon(tracked.session, clean_cause(cause), "reported",
-                              tracked.cut_ms or at_ms)
+                              tracked.cut_ms or at_ms, tracked.answered_ms)
 
     async def _answer(self, session: str, answered_ms: int | None = None,
                       resumed: bool = False) -> None:
-        try:
-            grant = await self.engine.answer(session, self.clock.redis_now(), answered_ms)
-        except REDIS_ERRORS as exc:
-            log.error("answer %s: %s; the PBX's own timeout still ends the call", session, exc)
-            return
+        """Tell Redis the call was answered, until it takes it (or the call ends: then its
+        commit carries the answer time); a retry bills from when the answer was seen."""
+        delay = 0.2
+        while True:
+            try:
+                grant = await self.engine.answer(session, self.clock.redis_now(), answered_ms)
+                break
+            except REDIS_ERRORS as exc:
+                self.warn_commit("answer %s: %s; retrying until Redis takes it", session, exc)
+                tracked = self.supervisor.sessions.get(session)
+                if tracked is None:
+                    return
+                answered_ms = answered_ms or tracked.answered_ms
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
         await self._granted(session, grant, resumed)
 
     async def _extend(self, action: Extend) -> None:
@@ -261,19 +273,22 @@ class CallControl:
         await self.execute(self.supervisor.granted(session, grant, self.clock.monotonic(),
                                                    resumed))
 
-    def _commit_soon(self, session: str, cause: str, mode: str, end_ms: int | None) -> None:
+    def _commit_soon(self, session: str, cause: str, mode: str, end_ms: int | None,
+                     answered_ms: int | None = None) -> None:
         self._committing.add(session)
-        task = self.spawn(self._commit(session, cause, mode, end_ms, self.redis_ms()))
+        task = self.spawn(self._commit(session, cause, mode, end_ms, self.redis_ms(),
+                                       answered_ms))
         task.add_done_callback(lambda _: self._committing.discard(session))
 
     async def _commit(self, session: str, cause: str, mode: str, end_ms: int | None,
-                      seen_ms: int) -> None:
+                      seen_ms: int, answered_ms: int | None = None) -> None:
         """Commit until Redis takes it (commits are idempotent): a retry bills to when the
         end was seen, not to when Redis came back."""
         delay = 0.2
         while True:
             try:
-                await self.engine.commit(session, cause, self.clock.redis_now(), mode, end_ms)
+                await self.engine.commit(session, cause, self.clock.redis_now(), mode, end_ms,
+                                         answered_ms)
                 return
             except REDIS_ERRORS as exc:
                 self.warn_commit("commit %s: %s; retrying until Redis takes it", session, exc)
@@ -319,14 +334,12 @@ class CallControl:
     # -- reconnect and restart ----------------------------------------------------------------
     async def reconcile(self) -> None:
         """After each login to the PBX: resume this node's calls that are still up (charged
-        from their real answer time), commit those that are gone. Raises when Redis or the
-        PBX cannot tell: the adapter then drops the link and tries again."""
-        if not self.identity:
-            raise RuntimeError(f"node identity {self.node} not held yet (Redis away?)")
-        # Sessions first, channels second: a call authorised after this snapshot is not
-        # judged against a channel list taken before its channel existed.
-        mine = {s["session"]: s for s in await asyncio.to_thread(
-            state.live_sessions, self.app.redis, self.app.keys) if s.get("node") == self.node}
+        from their real answer time), commit those that are gone. While Redis is away it
+        waits, the link staying up (its events are what the retried answers and commits
+        need); it raises when the PBX cannot tell: the adapter then drops the link."""
+        mine = await self._my_sessions()
+        if mine is None:
+            return  # the link went down meanwhile: the next login reconciles
         for tracked in self.supervisor.sessions.values():
             mine.setdefault(tracked.session, {"ch": tracked.channel_id})
         alive = await self.pbx.live_channels()
@@ -336,13 +349,15 @@ class CallControl:
                 continue
             live = alive.get(fields["ch"])
             if live is None:
-                self.supervisor.forget(session)
-                self._commit_soon(session, "gone", "gone", None)
+                tracked = self.supervisor.forget(session)
+                self._commit_soon(session, "gone", "gone", None,
+                                  tracked.answered_ms if tracked else None)
                 gone += 1
                 continue
             tracked = self.supervisor.sessions.get(session) or self._adopt(session, live, fields)
-            if fields.get("st") == "ans" or tracked.state is CallState.TALKING:
-                self.spawn(self._answer(session, resumed=True))
+            if fields.get("st") == "ans" or tracked.state is not CallState.RINGING:
+                # Talking, or answered while Redis could not be told: resume from that.
+                self.spawn(self._answer(session, tracked.answered_ms, resumed=True))
             elif live.up and tracked.state is CallState.RINGING:
                 # Answered while nobody watched: bill from when the PBX says it was.
                 answered_ms = await self.pbx.answer_time(live)
@@ -350,10 +365,26 @@ class CallControl:
                     log.warning("%s cannot tell when %s was answered: billed from now",
                                 self.pbx.name, session)
                 tracked.state = CallState.ANSWERING
+                tracked.answered_ms = answered_ms or self.redis_ms()
                 self.spawn(self._answer(session, answered_ms, resumed=True))
             resumed += 1
         log.info("reconciled with %s: %d session(s) resumed, %d closed", self.pbx.name,
                  resumed, gone)
+
+    async def _my_sessions(self) -> dict[str, dict] | None:
+        """This node's sessions in Redis, once Redis answers and the identity is held."""
+        while self.pbx.supervising:
+            try:
+                if self.identity:
+                    # Sessions first, channels second: a call authorised after this
+                    # snapshot is not judged against a channel list taken before it existed.
+                    return {s["session"]: s for s in await asyncio.to_thread(
+                        state.live_sessions, self.app.redis, self.app.keys)
+                        if s.get("node") == self.node}
+            except REDIS_ERRORS as exc:
+                self.warn_commit("reconcile with %s waits for Redis: %s", self.pbx.name, exc)
+            await asyncio.sleep(1)
+        return None
 
     def _adopt(self, session: str, live: LiveChannel, fields: dict):
         """Track a session of ours that this process did not authorise (a restart)."""
@@ -378,7 +409,7 @@ class CallControl:
                     if message["channel"] == keys.kill_channel:
                         await self._kill(message["data"].split())
                     else:
-                        await asyncio.to_thread(self._reload_plans)
+                        await self._reload_plans()
             except REDIS_ERRORS as exc:
                 log.warning("Redis pub/sub: %s; resubscribing", exc)
                 await asyncio.sleep(1)
@@ -392,9 +423,18 @@ class CallControl:
                 log.warning("operator ends %s", session)
                 await self._cut(session, tracked.channel)
 
-    def _reload_plans(self) -> None:
-        self._plans_stamp = self.app.redis.get(self.app.keys.plans_version)
-        self.engine.ops.plans.replace(self.app.books.load_plans())
+    async def _reload_plans(self) -> None:
+        """Load the plans from the books; when the books are away, keep the ones held and
+        let housekeeping try again (the stamp moves only once the load succeeded)."""
+        try:
+            stamp = await asyncio.to_thread(self.app.redis.get, self.app.keys.plans_version)
+            plans = await asyncio.to_thread(self.app.books.load_plans)
+        except Exception as exc:  # noqa: BLE001 - SQL or Redis away: the old plans stand
+            self.warn_plans("rate plans changed but cannot be loaded (%s); the old ones stay "
+                            "in force, retrying", str(exc).splitlines()[0] if str(exc) else exc)
+            return
+        self.engine.ops.plans.replace(plans)
+        self._plans_stamp = stamp
         log.info("rate plans reloaded")
 
     async def _housekeeping(self) -> None:
@@ -407,7 +447,7 @@ class CallControl:
                 await asyncio.to_thread(self.lease.renew)
                 stamp = await asyncio.to_thread(self.app.redis.get, self.app.keys.plans_version)
                 if stamp != self._plans_stamp:
-                    await asyncio.to_thread(self._reload_plans)
+                    await self._reload_plans()
                 closed = await asyncio.to_thread(service.sweep, self.app, self.clock.redis_now(),
                                                  self.node, frozenset(self._committing))
                 for session in closed:

@@ -42,17 +42,28 @@ def _boot_id() -> str:
         return ""
 
 
+def _started(pid: int) -> str:
+    """When process `pid` started (clock ticks since boot), '' if there is none: a pid
+    that was reused (a container's pid 1 restarted) shows another start."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
 @dataclass(frozen=True)
 class Holder:
     host: str
     boot: str
     pid: int
+    started: str
     token: str
 
     @classmethod
     def parse(cls, token: str) -> Holder:
-        host, boot, pid, _ = (token.split(" ") + ["", "", "0", ""])[:4]
-        return cls(host, boot, int(pid) if pid.isdigit() else 0, token)
+        host, boot, pid, started = (token.split(" ") + ["", "", "0", ""])[:4]
+        return cls(host, boot, int(pid) if pid.isdigit() else 0, started, token)
 
     def dead_here(self) -> bool:
         """True when the holder was a process on this machine that no longer runs."""
@@ -60,13 +71,7 @@ class Holder:
             return False
         if self.boot != _boot_id():
             return True  # it ran before this machine rebooted
-        try:
-            os.kill(self.pid, 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:
-            return False
-        return False
+        return _started(self.pid) != self.started
 
     def __str__(self) -> str:
         return f"pid {self.pid} on {self.host}"
@@ -81,7 +86,9 @@ class NodeLease:
             raise ValueError(f"node name {name!r}: 1-64 letters, digits and . _ : @ -")
         self.engine, self.name = engine, name
         self.key = engine.keys.node(name)
-        self.token = f"{socket.gethostname()} {_boot_id()} {os.getpid()} {uuid.uuid4().hex[:8]}"
+        pid = os.getpid()
+        self.token = (f"{socket.gethostname()} {_boot_id()} {pid} {_started(pid)} "
+                      f"{uuid.uuid4().hex[:8]}")
 
     def _claim(self, ttl_ms: int, replaceable: str = "") -> str:
         return self.engine.script("lease", [self.key], [self.token, ttl_ms, replaceable])

@@ -25,6 +25,7 @@ from .engine import state
 from .engine.connect import connect, resolve_url
 from .engine.core import Keys, Ops, Plans, SessionId
 from .engine.runner import SyncEngine
+from .logs import Throttled
 from .rating import Rate
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ class App:
         s = self.settings
         return Ops(self.keys, self.plans, quota=s.quota_seconds, node=node,
                    ring_seconds=s.ring_seconds, grace=s.grace_seconds,
-                   stale_grace=s.stale_grace_seconds)
+                   stale_grace=s.stale_grace_seconds, blind_quota=s.fail_open_grant)
 
     @cached_property
     def engine(self) -> SyncEngine:
@@ -82,13 +83,22 @@ class Applied:
 
 # -- the outbox into Redis -------------------------------------------------------
 
+_warn_outbox = Throttled(log, logging.ERROR, interval=10.0)
+
+
 def apply_outbox(app: App, account: str | None = None, limit: int = 500) -> int:
     """Apply pending settings and movements to Redis, oldest first; returns how many.
-    Raises a Redis error when Redis cannot take them (they stay pending)."""
+    Raises a Redis error when Redis cannot take them (they stay pending). A row Redis
+    refuses (its account is gone from Redis) stays pending too, said once in a while,
+    and the others go on; for one account, the CLI is told."""
     done = 0
     for row_id, account_id, entry, amount in app.books.outbox(account, limit):
-        if _apply_one(app, row_id, account_id, entry, amount):
-            done += 1
+        try:
+            done += _apply_one(app, row_id, account_id, entry, amount)
+        except BooksError as exc:
+            if account is not None:
+                raise
+            _warn_outbox("%s (the books' change stays in the outbox)", exc)
     return done
 
 

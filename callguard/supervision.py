@@ -69,6 +69,7 @@ class Tracked:
     deadline: float = 0.0  # local clock, seconds: when the grant runs out
     expires: float = 0.0  # local clock: when a call still ringing is given up
     cut_ms: int | None = None  # when we hung it up ourselves (Redis clock): bill to then
+    answered_ms: int | None = None  # when the PBX answered it (Redis clock)
 
 
 @dataclass
@@ -106,12 +107,13 @@ class Supervisor:
         session = self.by_channel_id.get(channel_id)
         return self.sessions.get(session) if session else None
 
-    def answered(self, channel_id: str) -> str | None:
-        """The PBX answered the channel: the session to tell Redis about, once."""
+    def answered(self, channel_id: str, at_ms: int | None = None) -> str | None:
+        """The PBX answered the channel (at `at_ms`): the session to tell Redis about, once."""
         tracked = self.find(channel_id)
         if tracked is None or tracked.state is not CallState.RINGING:
             return None
         tracked.state = CallState.ANSWERING
+        tracked.answered_ms = at_ms
         return tracked.session
 
     def hung_up(self, channel_id: str) -> Tracked | None:

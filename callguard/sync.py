@@ -20,7 +20,7 @@ import redis
 import sqlalchemy.exc
 from sqlalchemy import func, select, update
 
-from .books.models import Account, Cdr, LedgerEntry
+from .books.models import Account, Cdr, LedgerEntry, RedisOutbox
 from .engine import state
 from .engine.core import LAYOUT, SHARDS, SessionId, shard_of
 from .logs import Throttled
@@ -299,28 +299,28 @@ def rebuild(app: App) -> int:
     r, keys = app.redis, app.keys
     r.set(keys.layout, LAYOUT)
     state.ensure_groups(r, keys)
-    pending: dict[str, list[int]] = defaultdict(list)
-    for _row_id, account, entry, _amount in app.books.outbox(limit=1_000_000):
-        if entry is not None:
-            pending[account].append(entry)
-    commits = [c for shard in range(SHARDS) for dead in (False, True)
-               for c in state.pending_commits(r, keys, shard, dead)]
     count = 0
     for account_id in [row.id for row in app.books.list_accounts()]:
+        shard = shard_of(account_id)
         with app.books.session.begin() as db:
+            # Everything below is read under the row lock: a movement or a charge booked
+            # meanwhile waits for it, and is then applied on top of what is set here.
             db.execute(update(Account).where(Account.id == account_id)
-                       .values(balance=Account.balance))  # the row lock
+                       .values(balance=Account.balance))
             row = db.get(Account, account_id)
-            mine = sorted({c["session"] for c in commits
-                           if c.get("session", "").startswith(account_id + "/")})
+            pending = list(db.scalars(select(RedisOutbox.entry).where(
+                RedisOutbox.account == account_id, RedisOutbox.entry.is_not(None))))
+            mine = sorted({f.get("session", "") for stream in (keys.events(shard),
+                                                               keys.dead(shard))
+                           for _, f in r.xrange(stream)
+                           if f.get("session", "").startswith(account_id + "/")})
             booked = list(db.scalars(select(Cdr.session).where(Cdr.session.in_(mine)))) \
                 if mine else []
             state.push_account(r, keys, row)
-            shard = shard_of(account_id)
             app.engine.script(
                 "restore",
                 [keys.account(account_id), keys.events(shard), keys.dead(shard),
-                 *(keys.marker(account_id, e) for e in pending[account_id])],
+                 *(keys.marker(account_id, e) for e in pending)],
                 [row.balance, account_id + "/", *booked])
         count += 1
     r.set(keys.plans_version, version_stamp(app))

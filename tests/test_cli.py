@@ -214,6 +214,11 @@ def test_adjust_moves_the_balance_either_way(app, run, accounts):
     assert [e.kind for e in app.books.ledger(P)][-1] == "adjustment"
 
 
+def test_a_retry_with_another_amount_says_what_was_booked(run, accounts):
+    ok(run("account", "topup", P, "1.00", "--ref", "A"))
+    assert "for 1.00, not 99.00" in ok(run("account", "topup", P, "99.00", "--ref", "A"))
+
+
 def test_topups_without_ref_are_separate(run, accounts):
     ok(run("account", "topup", P, "1"))
     ok(run("account", "topup", P, "1"))

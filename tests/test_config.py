@@ -197,3 +197,12 @@ def test_cli_options_beat_environment_and_file(tmp_path):
     result = runner.invoke(cli, ["db", "upgrade"], env=env, catch_exceptions=False)
     assert result.exit_code == 0, result.stderr
     assert file_db.exists()
+
+
+@pytest.mark.parametrize("name,value", [
+    ("grace_seconds", "-100"), ("stale_grace_seconds", "-1"), ("agi_budget_ms", "0"),
+    ("fail_open_grant", "0"), ("ring_seconds", "0"), ("node", "bad node"),
+])
+def test_settings_out_of_range_are_refused(name, value):
+    with pytest.raises(ConfigError):
+        load_settings(env={"CALLGUARD_" + name.upper(): value})

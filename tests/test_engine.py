@@ -263,6 +263,77 @@ def test_rebuild_after_redis_lost_its_data(app, eng):
     assert snapshot(app, "41441234567")["balance"] == 54_500_000
 
 
+def test_rebuild_with_a_topup_landing_meanwhile_applies_it_once(app, eng, monkeypatch):
+    prepaid(app, balance=10_000_000)
+    for key in app.redis.scan_iter(f"{app.keys.prefix}:*"):
+        app.redis.delete(key)  # Redis lost its data
+    accounts = app.books.list_accounts
+
+    def topup_meanwhile():  # booked after rebuild started, before it reaches the account
+        service.move_money(app, "41441234567", "topup", 5_000_000, "pay-123")
+        return accounts()
+
+    monkeypatch.setattr(app.books, "list_accounts", topup_meanwhile)
+    sync.rebuild(app)
+    monkeypatch.setattr(app.books, "list_accounts", accounts)
+    service.apply_outbox(app)
+    assert snapshot(app, "41441234567")["balance"] == 15_000_000
+    assert sync.reconcile(app, rechecks=0) == []
+
+
+def test_rebuild_with_a_commit_booked_meanwhile_subtracts_it_once(app, eng, monkeypatch):
+    prepaid(app, balance=10_000_000)
+    accounts = app.books.list_accounts
+
+    def commit_meanwhile():  # committed and booked, not yet acknowledged by the worker
+        call(eng, "41441234567", "41901234567", "c1", T0, T0 + 60_000)
+        [(_, fields)] = app.redis.xrange(app.keys.events(shard_of("41441234567")))
+        app.books.record_calls([sync.cdr_from_event(fields)])
+        return accounts()
+
+    monkeypatch.setattr(app.books, "list_accounts", commit_meanwhile)
+    sync.rebuild(app)
+    monkeypatch.setattr(app.books, "list_accounts", accounts)
+    sync.drain(app, "w1")
+    assert snapshot(app, "41441234567")["balance"] == 7_000_000
+    assert sync.reconcile(app, rechecks=0) == []
+
+
+def test_the_longest_ids_fit_every_column(app, eng):
+    """A 64-character account and a 96-character channel: session ids and the ledger key of
+    their charge fit, whatever the attempt number grows to; a longer channel is refused."""
+    account, channel = "A" * 64, "c" * 96
+    prepaid(app, account)
+    app.redis.set(app.keys.seq(shard_of(account)), 10**12)  # a shard that has seen a lot
+    d = call(eng, account, "41901234567", channel, T0, T0 + 10_000)
+    assert d.allow
+    assert sync.drain(app, "w1") == 1 and app.books.cdrs(account)[0].session == d.session
+    assert sync.reconcile(app) == []
+    longer = eng.authorize(account, "41901234567", "outbound", channel + "c", now_ms=T0)
+    assert longer.reason == Reason.BAD_REQUEST
+
+
+def test_an_earlier_life_of_the_same_pid_gives_its_identity_up(app):
+    """A container restarts: same host, same boot, callguard is pid 1 again."""
+    import os
+    import socket
+
+    from callguard.nodes import NodeClash, NodeLease, _boot_id
+
+    earlier = f"{socket.gethostname()} {_boot_id()} {os.getpid()} 12345 old"
+    app.redis.set(app.keys.node("n1"), earlier)
+    NodeLease(app.engine, "n1").acquire(wait=0)  # this pid started later: not the holder
+    with pytest.raises(NodeClash):
+        NodeLease(app.engine, "n1").acquire(wait=0)  # this process holds it now
+
+
+def test_made_up_accounts_leave_nothing_in_the_process(app, eng):
+    for i in range(100):
+        assert eng.authorize(f"nobody{i}", "41901234567", "outbound", "c1").reason == \
+            Reason.UNKNOWN_ACCOUNT
+    assert not eng.ops.plans.account_plan
+
+
 # -- the same channel, another call ------------------------------------------------------
 
 def test_a_second_authorize_for_another_destination_is_decided_anew(app, eng):

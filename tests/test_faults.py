@@ -311,6 +311,23 @@ def test_a_block_while_redis_is_down_reaches_redis_through_the_worker(books_app,
     assert sync.reconcile(app) == []
 
 
+def test_an_account_redis_lost_does_not_hold_up_the_others(books_app):
+    """Its top-up cannot be applied (rebuild will): it waits in the outbox, and the worker
+    books and applies everything else."""
+    app = books_app
+    service.create_account(app, "4155", opening_balance=10_000_000, kind="prepaid")
+    app.redis.delete(app.keys.account("4155"))  # evicted, or lost
+    _, applied = service.move_money(app, "4155", "topup", 1_000_000, "lost-1")
+    assert not applied.in_redis and "rebuild" in applied.error
+    calls_ended(app, 3)
+    service.move_money(app, ACCT, "topup", 2_000_000, "kept-1")
+    proc = worker(app, "--once")
+    assert proc.wait(timeout=60) == 0, proc.stderr.read()
+    assert cdr_count(app) == 3 and len(app.books.outbox()) == 1
+    sync.rebuild(app)
+    assert sync.reconcile(app) == []
+
+
 def test_a_second_worker_with_the_same_node_is_refused(books_app):
     app = books_app
     first = worker(app)

@@ -41,10 +41,12 @@ def parse_ami_url(url: str) -> tuple[str, int, str, str]:
 class AMIClient:
     def __init__(self, url: str, on_event: Callable[[ami.AMIEvent], None],
                  on_login: Callable[[], Awaitable[None]] | None = None,
-                 events: str = "call", timeout: float = 3.0, keepalive: float = 2.0):
+                 events: str = "call", timeout: float = 3.0, keepalive: float = 2.0,
+                 on_pong: Callable[[ami.AMIResponse], None] | None = None):
         self.host, self.port, self.username, self._secret = parse_ami_url(url)
         self.on_event = on_event
         self.on_login = on_login
+        self.on_pong = on_pong  # each Ping's reply: it carries the PBX's clock
         self.events = events
         self.timeout = timeout
         self.keepalive = keepalive
@@ -79,31 +81,36 @@ class AMIClient:
         reader, writer = await asyncio.wait_for(
             asyncio.open_connection(self.host, self.port), self.timeout)
         self._writer = writer
-        read_task = asyncio.ensure_future(self._read(reader, ami.AMIReader()))
-        ping_task = None
+        tasks = {asyncio.ensure_future(self._read(reader, ami.AMIReader()))}
         try:
             reply = await self.action(ami.login, self.username, self._secret, self.events,
                                       require_connected=False)
             if reply.name != "Success":
                 raise AMIError(f"login refused: {reply.get('Message')}")
             log.info("AMI logged in to %s:%s as %s", self.host, self.port, self.username)
+            await self._ping(require_connected=False)  # the PBX's clock, before anything else
             self.connected.set()
-            ping_task = asyncio.ensure_future(self._keepalive())
+            tasks.add(asyncio.ensure_future(self._keepalive()))
             if self.on_login:
-                await self.on_login()
-            done, _ = await asyncio.wait({read_task, ping_task},
-                                         return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                task.result()  # raises what ended the session
+                # Beside the reader: a link that dies while on_login waits is still noticed.
+                tasks.add(asyncio.ensure_future(self.on_login()))
+            while True:
+                done, tasks = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    task.result()  # raises what ended the session; on_login may just end
         finally:
-            for task in (read_task, ping_task):
-                if task:
-                    task.cancel()
+            for task in tasks:
+                task.cancel()
 
     async def _keepalive(self) -> None:
         while True:
             await asyncio.sleep(self.keepalive)
-            await self.action(ami.ping)
+            await self._ping()
+
+    async def _ping(self, require_connected: bool = True) -> None:
+        reply = await self.action(ami.ping, require_connected=require_connected)
+        if self.on_pong:
+            self.on_pong(reply)
 
     async def _read(self, reader: asyncio.StreamReader, parser: ami.AMIReader) -> None:
         while True:

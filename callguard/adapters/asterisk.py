@@ -34,11 +34,12 @@ DRAIN_TIMEOUT = 2.0  # after our reply, how long we wait for Asterisk's replies 
 UP = "6"  # ChannelState of an answered channel
 
 
-def event_ms(event: ami.AMIEvent) -> int | None:
-    """The PBX's own time of an event, when manager.conf has `timestampevents = yes`."""
-    stamp = event.get("Timestamp")
+def stamp_ms(stamp: str) -> int | None:
+    """Asterisk's "1795236284.213525" (epoch seconds) in ms; 0 or junk: None."""
+    if not stamp:
+        return None
     try:
-        return int(Decimal(stamp) * 1000) if stamp else None
+        return int(Decimal(stamp) * 1000) or None
     except ArithmeticError:
         return None
 
@@ -54,7 +55,9 @@ class AsteriskAdapter:
         node = s.node or default_node("asterisk", split_hostport(s.agi_bind)[1])
         self.allowed = [ipaddress.ip_network(n, strict=False) for n in s.agi_allow]
         self._peer_allowed: dict[str, bool] = {}  # PBXs are few: remember each verdict
-        self.ami = AMIClient(s.ami_url, self.on_event, self._logged_in) if s.ami_url else None
+        self.ami = AMIClient(s.ami_url, self.on_event, self._logged_in,
+                             on_pong=self._pong) if s.ami_url else None
+        self._pbx_ahead_ms: int | None = None  # Asterisk's clock minus the scripts' clock
         self.control = CallControl(app, self, node, clock)
         self.metrics = self.control.metrics
         self.warn_refused = Throttled(log)
@@ -117,11 +120,20 @@ class AsteriskAdapter:
     async def answer_time(self, channel: LiveChannel) -> int | None:
         """The CDR's answer time, raw (`u`): "1795236357.123456", "0.000000" if none."""
         reply = await self.ami.action(ami.getvar, channel.channel, "CDR(answer,u)")
-        try:
-            ms = int(Decimal(reply.get("Value")) * 1000) if reply.name == "Success" else 0
-        except ArithmeticError:
-            ms = 0
-        return ms or None
+        return self._pbx_time(reply.get("Value")) if reply.name == "Success" else None
+
+    def _pong(self, reply: ami.AMIResponse) -> None:
+        stamp = stamp_ms(reply.get("Timestamp"))
+        if stamp is not None:
+            self._pbx_ahead_ms = stamp - self.control.redis_ms()
+
+    def _pbx_time(self, stamp: str) -> int | None:
+        """A time Asterisk wrote, on the scripts' clock: its own clock may be off by any
+        amount, learned from its Ping replies; unknown offset, no time."""
+        ms = stamp_ms(stamp)
+        if ms is None or self._pbx_ahead_ms is None:
+            return None
+        return ms - self._pbx_ahead_ms
 
     async def _action(self, build, *args) -> bool:
         if not self.supervising:
@@ -144,11 +156,13 @@ class AsteriskAdapter:
         if name not in ("DialEnd", "Newstate", "Hangup"):
             return
         uniqueid = event.get("Uniqueid")
+        # Asterisk's own time of the event, with `timestampevents = yes` in manager.conf
+        at = self._pbx_time(event.get("Timestamp"))
         if name == "Hangup":
-            self.control.hung_up(uniqueid, event.get("Cause") or "0", event_ms(event))
+            self.control.hung_up(uniqueid, event.get("Cause") or "0", at)
         elif (name == "DialEnd" and event.get("DialStatus") == "ANSWER") or (
                 name == "Newstate" and event.get("ChannelState") == UP):
-            self.control.answered(uniqueid, event_ms(event))
+            self.control.answered(uniqueid, at)
 
     # -- authorize (FastAGI) ------------------------------------------------------
     async def authorize(self, request: agi.AGIRequest) -> list[tuple[str, str]]:

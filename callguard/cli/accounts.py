@@ -193,12 +193,14 @@ def _money_command(kind: str):
         if booking.created:
             done = (f"booked {kind} of {format_display(micros)} on {account_id} "
                     f"(entry {booking.entry_id})")
-        elif applied.now:
-            done = f"already booked as entry {booking.entry_id}; applied to Redis now"
-        elif applied.in_redis:
-            done = f"already booked as entry {booking.entry_id}; nothing changed"
         else:
             done = f"already booked as entry {booking.entry_id}"
+            if booking.amount != micros:
+                done += f" for {format_display(booking.amount)}, not {format_display(micros)}"
+            if applied.now:
+                done += "; applied to Redis now"
+            elif applied.in_redis:
+                done += "; nothing changed"
         report(applied, done)
 
     return command

@@ -48,8 +48,11 @@ def refusals(fn):
             raise Refused(f"Redis unavailable: {exc}") from None
         except sqlalchemy.exc.OperationalError as exc:
             log.debug("database failure", exc_info=True)
-            raise Refused(f"database unavailable or not migrated (run `callguard db upgrade`): "
-                          f"{exc.orig}") from None
+            text = str(exc.orig).splitlines()[0] if str(exc.orig) else type(exc.orig).__name__
+            if "no such table" in text or "does not exist" in text:
+                raise Refused(f"the books are not set up (run `callguard db upgrade`): "
+                              f"{text}") from None
+            raise Refused(f"the SQL database is unavailable: {text}") from None
 
     return wrapper
 

@@ -67,7 +67,7 @@ def calls_kill(ctx, session):
 
     \b
     Example:
-      callguard calls kill 41441234567/1795236355.1310
+      callguard calls kill 41441234567/1795236355.1310/7
     """
     app = app_of(ctx)
     if not any(s["session"] == session for s in

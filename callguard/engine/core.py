@@ -27,8 +27,9 @@ SHARDS = 64
 LAYOUT = "2"  # Redis key layout version: refuse to run beside another one
 ACCOUNT_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 # What Asterisk (Uniqueid, "[systemname-]1795236355.1310") and FreeSWITCH (a UUID) produce,
-# with room to spare; the session id (account/channel/attempt) then fits every column.
-CHANNEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+# with room to spare; the session id (account/channel/attempt) then fits every column,
+# and so does the ledger key of its charge ("call:" + session id, String(200)).
+CHANNEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
 DIRECTIONS = ("outbound", "inbound")
 COMMIT_MODES = ("reported", "stale", "gone", "release")
 
@@ -187,8 +188,10 @@ class Ops:
     """Builds the engine's Calls."""
 
     def __init__(self, keys: Keys, plans: Plans, quota: int = 60, node: str = "",
-                 ring_seconds: int = 120, grace: int = 2, stale_grace: int = 30):
+                 ring_seconds: int = 120, grace: int = 2, stale_grace: int = 30,
+                 blind_quota: int = 60):
         self.keys = keys
+        self.blind_quota = blind_quota
         self.plans = plans
         self.quota = quota
         self.node = node
@@ -197,8 +200,9 @@ class Ops:
         self.stale_grace = stale_grace
 
     def authorize(self, account: str, destination: str, direction: str, channel: str,
-                  now_ms: int | None = None, quota: int | None = None) -> Call | Decision:
-        """First slice of credit for a new call, or a Decision straight away for bad input."""
+                  now_ms: int | None = None, blind: bool = False) -> Call | Decision:
+        """First slice of credit for a new call, or a Decision straight away for bad input.
+        `blind`: the PBX is out of sight (fail_open): a short grant, `blind_quota`."""
         if direction not in DIRECTIONS or not valid_channel(channel):
             return denied(Reason.BAD_REQUEST)
         if not valid_account(account):
@@ -207,10 +211,9 @@ class Ops:
             number = normalize_number(destination)
         except NumberError:
             return denied(Reason.BAD_REQUEST)
-        return self._authorize(account, number, direction, channel, now_ms,
-                               quota or self.quota, retried=False)
+        return self._authorize(account, number, direction, channel, now_ms, blind, False)
 
-    def _authorize(self, account, number, direction, channel, now_ms, quota, retried) -> Call:
+    def _authorize(self, account, number, direction, channel, now_ms, blind, retried) -> Call:
         plan = self.plans.plan_for(account)
         rate = self.plans.rate(plan, direction, number)
         shard = shard_of(account)
@@ -221,7 +224,8 @@ class Ops:
             0 if rate is None else 1,
             *((rate.prefix, rate.rate_per_min, rate.connect_fee, rate.initial_increment,
                rate.subsequent_increment, int(rate.blocked)) if rate else ("", 0, 0, 1, 1, 0)),
-            quota, self.node, self.ring_seconds, self.grace, self.stale_grace,
+            self.blind_quota if blind else self.quota, self.node, self.ring_seconds, self.grace,
+            self.stale_grace, int(blind),
         ]
 
         def parse(reply):
@@ -231,8 +235,9 @@ class Ops:
                 self.plans.account_plan[account] = extra
                 if retried:
                     return denied(Reason.UNAVAILABLE)
-                return self._authorize(account, number, direction, channel, now_ms, quota, True)
-            self.plans.account_plan[account] = plan
+                return self._authorize(account, number, direction, channel, now_ms, blind, True)
+            if reason != "UNKNOWN_ACCOUNT":  # a flood of made-up accounts stays out of memory
+                self.plans.account_plan[account] = plan
             return Decision(bool(int(allow)), Reason(reason), session, int(grant),
                             maxsec=int(maxsec))
 
@@ -251,14 +256,16 @@ class Ops:
                     [_at(now_ms), sid.n, self.quota, seen_grant, self.stale_grace], _grant)
 
     def commit(self, session: str, cause: str = "", now_ms: int | None = None,
-               mode: str = "reported", end_ms: int | None = None) -> Call:
-        """End a session; see commit.lua for the modes."""
+               mode: str = "reported", end_ms: int | None = None,
+               answered_ms: int | None = None) -> Call:
+        """End a session; see commit.lua for the modes. `answered_ms`: it was answered then,
+        though Redis may not have been told."""
         if mode not in COMMIT_MODES:
             raise ValueError(f"unknown commit mode {mode!r}")
         sid = SessionId.parse(session)
         return Call("commit", self.keys.session_keys(sid.account, sid.channel),
-                    [_at(now_ms), sid.n, str(cause)[:32], mode, _at(end_ms), self.grace],
-                    _charge)
+                    [_at(now_ms), sid.n, str(cause)[:32], mode, _at(end_ms), self.grace,
+                     _at(answered_ms)], _charge)
 
     def release(self, session: str, now_ms: int | None = None) -> Call:
         """For a call that never started: frees its reservation and channel; an answered
@@ -269,7 +276,7 @@ class Ops:
         """Release whatever call the channel has, if it never answered: for an authorize
         whose reply never came in time (the PBX was given the failure policy instead)."""
         return Call("commit", self.keys.session_keys(account, channel),
-                    [_at(now_ms), "", "released", "release", "", self.grace], _charge)
+                    [_at(now_ms), "", "released", "release", "", self.grace, ""], _charge)
 
     def credit(self, account: str, amount: int, entry: int) -> Call:
         """Apply the books' movement `entry` to Redis, once."""

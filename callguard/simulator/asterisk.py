@@ -86,6 +86,7 @@ class SimulatedAsterisk:
         self.agi_wait = agi_wait  # a real Asterisk waits for ever; the simulation gives up
         self.timestamp_events = timestamp_events  # manager.conf [general] timestampevents
         self.blackholed = False  # AMI: nothing gets through either way, no FIN, no RST
+        self.clock_skew_ms = 0  # this PBX's clock against the true one (its own timestamps)
         self.calls: dict[str, SimCall] = {}  # live channels by uniqueid
         self.finished: list[SimCall] = []
         self.violations: list[str] = []
@@ -208,7 +209,8 @@ class SimulatedAsterisk:
             reply("Error", "Message: Permission denied")
             return False
         if name == "ping":
-            reply("Success", "Ping: Pong", f"Timestamp: {time.time():.6f}")
+            ms = self.clock.epoch_ms(self.clock.monotonic()) + self.clock_skew_ms
+            reply("Success", "Ping: Pong", f"Timestamp: {ms // 1000}.{ms % 1000 * 1000:06d}")
         elif name == "events":
             reply("Success", "Events: On")
         elif name == "filter":
@@ -260,7 +262,7 @@ class SimulatedAsterisk:
             # func_cdr raw mode: "%ld.%06ld" of the CDR's answer time, zero if unanswered.
             if call.answered_at is None:
                 return "0.000000"
-            ms = self.clock.epoch_ms(call.answered_at)
+            ms = self.clock.epoch_ms(call.answered_at) + self.clock_skew_ms
             return f"{ms // 1000}.{ms % 1000 * 1000:06d}"
         return call.variables.get(variable, "")
 
@@ -274,7 +276,7 @@ class SimulatedAsterisk:
         lines += [f"ActionID: {aid}"] if aid else []
         lines += ["Privilege: call,all"] if privilege else []
         if privilege and self.timestamp_events:  # manager.c puts it right after Privilege
-            ms = self.clock.epoch_ms(self.clock.monotonic())
+            ms = self.clock.epoch_ms(self.clock.monotonic()) + self.clock_skew_ms
             lines.append(f"Timestamp: {ms // 1000}.{ms % 1000 * 1000:06d}")
         lines += [
             f"Channel: {call.channel}", f"ChannelState: {code}", f"ChannelStateDesc: {state}",

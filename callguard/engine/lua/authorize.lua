@@ -1,6 +1,7 @@
 -- KEYS: acct, session, live, seq, events
 -- ARGV: now, account, channel, direction, destination, plan, has_rate, prefix, rate,
---       connect_fee, initial, subsequent, rate_blocked, quota, node, ring_s, grace_s, stale_s
+--       connect_fee, initial, subsequent, rate_blocked, quota, node, ring_s, grace_s, stale_s,
+--       blind ('1': allowed while the PBX is out of sight, under fail_open)
 -- Returns {allow, reason, session_id, grant, maxsec, extra}.
 -- A deny writes nothing but the account's setup counter: a flood of denied setups
 -- leaves no footprint in Redis.
@@ -24,7 +25,7 @@ if not status then return {0, 'UNKNOWN_ACCOUNT', '', 0, 0, ''} end
 if a[2] ~= ARGV[6] then return {0, 'PLAN', '', 0, 0, a[2] or ''} end
 if cur[2] == 'auth' or cur[2] == 'ans' then
   -- The channel has moved on to another call: the one before it ended now.
-  finish(acct, sess, live, events, member, now, '', 'superseded', 'reported', grace_s)
+  finish(acct, sess, live, events, member, now, '', 'superseded', 'reported', grace_s, '')
 end
 
 a = redis.call('HMGET', acct, 'balance', 'credit', 'reserved', 'channels', 'max_channels',
@@ -62,7 +63,7 @@ local n = redis.call('INCR', seq)
 redis.call('DEL', sess)
 redis.call('HSET', sess, 'n', n, 'st', 'auth', 'acct', ARGV[2], 'ch', ARGV[3], 'dir', direction,
   'dst', destination, 'setup', now, 'node', ARGV[15], 'pfx', ARGV[8], 'r', r, 'cf', cf, 'i', i,
-  's', s, 'g', grant, 'hold', hold, 'fin', 0, 'mx', maxsec)
+  's', s, 'g', grant, 'hold', hold, 'fin', 0, 'mx', maxsec, 'bl', ARGV[19])
 -- Not answered by the time the PBX's own timeout has ended it: the sweeper frees it.
 redis.call('ZADD', live, now + (ring_s + grant + grace_s + stale_s) * 1000, member)
 return {1, 'OK', member .. '/' .. n, grant, maxsec, ''}

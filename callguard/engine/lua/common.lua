@@ -74,14 +74,31 @@ end
 -- mode 'reported': the PBX said it ended at end_ms (or now); it cannot have talked past
 --   the deadline pushed into it, the grant's end plus the grace.
 -- mode 'stale' / 'gone': nobody saw it end; it is charged up to its grant, never beyond.
+-- answered_arg: when the caller knows the call was answered but Redis was not told (the
+-- answer could not be written in time); a call allowed while the PBX was out of sight
+-- ('bl', fail_open) that nobody saw end counts as answered at setup: its short grant.
 -- Returns cost, duration, billed.
-local function finish(acct, sess, live, events, member, now, end_arg, cause, mode, grace_s)
+local function finish(acct, sess, live, events, member, now, end_arg, cause, mode, grace_s,
+                      answered_arg)
   local f = redis.call('HMGET', sess, 'n', 'st', 'g', 'ge', 'hold', 'r', 'cf', 'i', 's', 'ans',
-    'acct', 'ch', 'dir', 'dst', 'pfx', 'setup', 'node')
+    'acct', 'ch', 'dir', 'dst', 'pfx', 'setup', 'node', 'bl')
   local ended = now
   if end_arg ~= nil and end_arg ~= '' and tonumber(end_arg) < now then ended = tonumber(end_arg) end
   local r, cf, i, s = num(f[6]), num(f[7]), num(f[8]), num(f[9])
   local cost, duration, billed = 0, 0, 0
+  if f[2] == 'auth' then
+    local answered = nil
+    if answered_arg ~= nil and answered_arg ~= '' then
+      answered = tonumber(answered_arg)
+    elseif f[18] == '1' and (mode == 'gone' or mode == 'stale') then
+      answered = num(f[16])
+    end
+    if answered then
+      if answered < num(f[16]) then answered = num(f[16]) end
+      if answered > ended then answered = ended end
+      f[2], f[10], f[4] = 'ans', answered, answered + num(f[3]) * 1000
+    end
+  end
   if f[2] == 'ans' then
     local answered, grant_end = num(f[10]), num(f[4])
     local cap = grant_end
