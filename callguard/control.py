@@ -190,8 +190,9 @@ class CallControl:
             deadline = s.ring_seconds + decision.grant + s.grace_seconds
         else:
             # fail_open with the PBX out of sight: a short grant, final, and the PBX's own
-            # timeout counts the ringing too. On reconnect it is charged from its real
-            # answer time, learned from the PBX.
+            # timeout counts the ringing too. Still up at the reconnect: charged from its
+            # real answer time, learned from the PBX; over by then: as answered at setup,
+            # up to this grant (commit.lua).
             deadline = decision.grant + s.grace_seconds
             decision = dataclasses.replace(decision, reason=Reason.UNAVAILABLE, final=True)
             self.metrics["fail_open"] += 1

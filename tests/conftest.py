@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import time
 import uuid
@@ -23,7 +22,7 @@ from callguard.config import load_settings
 from callguard.engine.connect import ensure_embedded, redis_binary, stop_embedded
 from callguard.service import App
 
-from servers import RedisServer, bindable, free_port
+from servers import RedisServer, answers, bindable, free_port
 
 FIXTURES = Path(__file__).with_name("fixtures")
 
@@ -32,20 +31,11 @@ hypothesis.settings.register_profile("callguard", deadline=None)
 hypothesis.settings.load_profile("callguard")
 
 
-def _answers(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=0.3) as s:
-            s.sendall(b"PING\r\n")
-            return s.recv(7).startswith(b"+PONG")
-    except OSError:
-        return False
-
-
 @pytest.fixture(scope="session")
 def single_redis_url(tmp_path_factory):
     if os.environ.get("CALLGUARD_TEST_REDIS_URL"):
         yield os.environ["CALLGUARD_TEST_REDIS_URL"]
-    elif _answers("127.0.0.1", 6379):
+    elif answers("127.0.0.1", 6379):
         yield "redis://127.0.0.1:6379/0"
         _delete_test_keys("redis://127.0.0.1:6379/0")
     else:
@@ -141,7 +131,7 @@ def _start_cluster(binary: str, cli_binary: str, base: Path, procs: list) -> str
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         ))
     deadline = time.monotonic() + 10
-    while not all(_answers("127.0.0.1", p) for p in ports):
+    while not all(answers("127.0.0.1", p) for p in ports):
         if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
             raise ClusterStartFailed("cluster nodes did not start")
         time.sleep(0.05)

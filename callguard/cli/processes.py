@@ -48,7 +48,7 @@ def serve_asterisk(ctx):
 @click.pass_context
 @refusals
 def worker(ctx, once):
-    """Book finished calls into SQL, close stale sessions.
+    """Book finished calls into SQL, apply booked changes to Redis, close stale sessions.
 
     \b
     Example:
