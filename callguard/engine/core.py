@@ -76,12 +76,6 @@ class SessionId:
         return f"{self.account}/{self.channel}/{self.n}"
 
 
-def split_session(session: str) -> tuple[str, str]:
-    """(account, channel) of a session id; ValueError if it is not one."""
-    sid = SessionId.parse(session)
-    return sid.account, sid.channel
-
-
 class Keys:
     """Key names. `prefix` separates installations (and tests) on one Redis."""
 

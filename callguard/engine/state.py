@@ -11,7 +11,6 @@ import redis
 from .core import LAYOUT, SHARDS, Keys, shard_of
 
 GROUP = "books"  # the worker's consumer group on every shard's event stream
-CONFIG_FIELDS = ("kind", "status", "reason", "credit", "max_channels", "plan", "cps", "currency")
 
 
 class LayoutMismatch(RuntimeError):
