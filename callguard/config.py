@@ -40,6 +40,7 @@ class Settings:
     ring_seconds: int = 120  # how long a call may ring before its first grant starts
     stale_grace_seconds: int = 30  # sweeper: a session silent this long past its grant is closed
     agi_allow: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+    esl_allow: tuple[str, ...] = ("127.0.0.0/8", "::1/128")  # who may open outbound ESL
     agi_budget_ms: int = 300  # every FastAGI request is answered within this
     fail_open_grant: int = 60  # seconds granted under fail_open when Redis is down
 
@@ -82,7 +83,7 @@ def _coerce(name: str, value):
             return int(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{name} must be a whole number, not {value!r}") from None
-    if name == "agi_allow":
+    if name in ("agi_allow", "esl_allow"):
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         return tuple(value)

@@ -226,12 +226,19 @@ class CallControl:
         if session:
             self.spawn(self._answer(session, at_ms))
 
-    def hung_up(self, channel_id: str, cause, at_ms: int | None = None) -> None:
+    def hung_up(self, channel_id: str, cause, at_ms: int | None = None,
+                answered_ms: int | None = None, talk_ms: int | None = None) -> None:
+        """The PBX ended the channel at `at_ms`. A PBX that keeps its own record of the
+        call also gives its answer time and billed duration (FreeSWITCH's billmsec): the
+        commit then bills exactly that duration from the answer Redis was told of."""
         tracked = self.supervisor.hung_up(channel_id)
         if tracked:
             # The answer's own time goes along: Redis may not have it yet (Redis away).
-            self._commit_soon(tracked.session, clean_cause(cause), "reported",
-                              tracked.cut_ms or at_ms, tracked.answered_ms)
+            answered = tracked.answered_ms or answered_ms
+            end = tracked.cut_ms or at_ms
+            if talk_ms is not None and answered is not None:
+                end = answered + talk_ms
+            self._commit_soon(tracked.session, clean_cause(cause), "reported", end, answered)
 
     async def _answer(self, session: str, answered_ms: int | None = None,
                       resumed: bool = False) -> None:

@@ -1,10 +1,11 @@
 """`callguard demo`: the seeds' fraud scenario, end to end, on this machine.
 
 A hacked PBX fires 30 simultaneous calls at a premium number from a prepaid
-account holding CHF 50. The real `serve asterisk` adapter authorises and
-supervises them over real FastAGI and AMI sockets; a simulated Asterisk
-(callguard.simulator) places the calls. PBX time runs `speed` times faster than
-wall time so the minute-long calls take seconds; both sides share that clock.
+account holding CHF 50. The real `serve asterisk` (or `serve freeswitch`)
+adapter authorises and supervises them over real FastAGI and AMI (or ESL)
+sockets; a simulated Asterisk (or FreeSWITCH) places the calls. PBX time runs
+`speed` times faster than wall time so the minute-long calls take seconds; both
+sides share that clock.
 Everything lives under a throwaway key prefix and SQLite file and is removed
 at the end.
 """
@@ -22,6 +23,7 @@ from pathlib import Path
 
 from . import service, sync
 from .adapters.asterisk import AsteriskAdapter
+from .adapters.freeswitch import FreeSWITCHAdapter
 from .books.database import upgrade
 from .clock import Clock
 from .engine import state
@@ -29,6 +31,14 @@ from .engine.connect import stop_embedded
 from .money import format_display
 from .rating import Rate
 from .simulator.asterisk import SimulatedAsterisk
+from .simulator.freeswitch import SimulatedFreeSWITCH
+
+# PBX: its simulation, its adapter, the setting naming the event link, the adapter's
+# client of that link, the simulation's attribute naming our call-setup port.
+PBXS = {
+    "asterisk": (SimulatedAsterisk, AsteriskAdapter, "ami_url", "ami", "agi_port"),
+    "freeswitch": (SimulatedFreeSWITCH, FreeSWITCHAdapter, "esl_url", "esl", "outbound_port"),
+}
 
 ACCOUNT = "41440000001"
 PREMIUM = Rate("4190", "premium CH", 3_000_000, 0, 1, 1)  # CHF 3.00/min, 1/1
@@ -43,6 +53,7 @@ class Scenario:
     ring: float = 2.0
     quota: int = 60
     speed: float = 10.0
+    pbx: str = "asterisk"
 
 
 @dataclass
@@ -73,20 +84,22 @@ async def run_fraud(app: service.App, sc: Scenario, progress=None) -> Outcome:
     clock = Clock(sc.speed)
     loop = asyncio.get_running_loop()
     started = loop.time()
-    sim = SimulatedAsterisk(agi_port=0, clock=clock)
+    simulation, adapter_class, url_setting, link, port_attr = PBXS[sc.pbx]
+    sim = simulation(0, clock=clock)
     await sim.start()
-    settings = dataclasses.replace(app.settings, ami_url=sim.ami_url, quota_seconds=sc.quota)
+    settings = dataclasses.replace(app.settings, quota_seconds=sc.quota,
+                                   **{url_setting: getattr(sim, url_setting)})
     adapter_app = service.App(settings)
     adapter_app.__dict__.update(books=app.books, redis_url=app.redis_url, redis=app.redis)
-    adapter = AsteriskAdapter(adapter_app, clock)
+    adapter = adapter_class(adapter_app, clock)
     await adapter.start("127.0.0.1", 0)
-    sim.agi_port = adapter.port
-    await asyncio.wait_for(adapter.ami.connected.wait(), 10)
+    setattr(sim, port_attr, adapter.port)
+    await asyncio.wait_for(getattr(adapter, link).connected.wait(), 10)
     ticker = asyncio.ensure_future(_report(app, sim, progress)) if progress else None
     try:
         calls = await asyncio.gather(*(sim.call(ACCOUNT, NUMBER, ring=sc.ring, talk=sc.talk)
                                        for _ in range(sc.calls)))
-        for _ in range(200):  # the last Hangup events reach the adapter and commit
+        for _ in range(200):  # the last hangup events reach the adapter and commit
             if not adapter.supervisor.sessions:
                 break
             await asyncio.sleep(0.01)
@@ -100,8 +113,7 @@ async def run_fraud(app: service.App, sc: Scenario, progress=None) -> Outcome:
     await asyncio.to_thread(sync.drain, app, "demo")
     live = state.account_state(app.redis, app.keys, ACCOUNT)
     agree = not await asyncio.to_thread(sync.reconcile, app)
-    denied = collections.Counter(c.variables.get("CALLGUARD_REASON", "NO_ANSWER")
-                                 for c in calls if not c.allowed)
+    denied = collections.Counter(c.reason or "NO_ANSWER" for c in calls if not c.allowed)
     return Outcome(
         scenario=sc, allowed=sum(c.allowed for c in calls), denied=dict(denied),
         setup_ms=[c.setup_latency * 1000 for c in calls],
@@ -118,7 +130,7 @@ async def _report(app, sim, progress, once: bool = False) -> None:
         if not once:
             await asyncio.sleep(0.5)
         snap = await asyncio.to_thread(state.account_state, app.redis, app.keys, ACCOUNT)
-        cut = sum(1 for c in sim.finished if c.cause == 16 and c.answered_at is not None)
+        cut = sum(1 for c in sim.finished if c.cut_off)
         progress(snap, len(sim.calls), cut, sim.clock.monotonic())
         if once:
             return

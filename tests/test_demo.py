@@ -8,15 +8,17 @@ import subprocess
 import sys
 from decimal import Decimal
 
+import pytest
 from click.testing import CliRunner
 
 from callguard.cli import cli
 from callguard.engine.connect import ensure_embedded, socket_path, stop_embedded
 
 
-def test_demo_holds_the_bound_and_leaves_nothing_behind(redis_url, tmp_path):
+@pytest.mark.parametrize("pbx", ["asterisk", "freeswitch"])
+def test_demo_holds_the_bound_and_leaves_nothing_behind(redis_url, tmp_path, pbx):
     env = {"CALLGUARD_HOME": str(tmp_path / "home"), "CALLGUARD_REDIS_URL": redis_url}
-    result = CliRunner().invoke(cli, ["demo", "--speed", "10"], env=env,
+    result = CliRunner().invoke(cli, ["demo", "--speed", "10", "--pbx", pbx], env=env,
                                 catch_exceptions=False)
     assert result.exit_code == 0, result.output  # exit 1 above CHF 0.10 of loss
     lines = {line.split("  ")[0]: line for line in result.stdout.splitlines()}

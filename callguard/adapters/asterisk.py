@@ -11,9 +11,7 @@ request is answered within `agi_budget_ms`, whatever Redis does.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
-import signal
 from decimal import Decimal
 
 from .. import service
@@ -26,6 +24,8 @@ from ..nodes import default_node
 from ..protocol import agi, ami
 from ..protocol.errors import ProtocolError
 from .ami_client import AMIClient, AMIError
+from .common import PeerFilter
+from .common import serve as serve_adapter
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +53,7 @@ class AsteriskAdapter:
         self.app = app
         self.settings = s = app.settings
         node = s.node or default_node("asterisk", split_hostport(s.agi_bind)[1])
-        self.allowed = [ipaddress.ip_network(n, strict=False) for n in s.agi_allow]
-        self._peer_allowed: dict[str, bool] = {}  # PBXs are few: remember each verdict
+        self.peer_allowed = PeerFilter(s.agi_allow)
         self.ami = AMIClient(s.ami_url, self.on_event, self._logged_in,
                              on_pong=self._pong) if s.ami_url else None
         self._pbx_ahead_ms: int | None = None  # Asterisk's clock minus the scripts' clock
@@ -182,18 +181,6 @@ class AsteriskAdapter:
             variables.append(("TIMEOUT(absolute)", str(decision.deadline)))
         return variables
 
-    def peer_allowed(self, host: str) -> bool:
-        verdict = self._peer_allowed.get(host)
-        if verdict is None:
-            try:
-                address = ipaddress.ip_address(host)
-            except ValueError:
-                return False
-            verdict = any(address in net for net in self.allowed)
-            if len(self._peer_allowed) < 1024:
-                self._peer_allowed[host] = verdict
-        return verdict
-
 
 class AGIConnection(asyncio.Protocol):
     """One FastAGI session: headers in, SET VARIABLEs out, half-close, drain, close."""
@@ -276,31 +263,5 @@ class AGIConnection(asyncio.Protocol):
 
 def serve(app: service.App) -> int:
     """Run `serve asterisk` until SIGINT/SIGTERM; returns the exit status."""
-
-    async def main():
-        adapter = AsteriskAdapter(app)
-        host, port = split_hostport(app.settings.agi_bind)
-        await adapter.start(host, port)
-        log.info("callguard serving FastAGI on %s:%d (node %s)", host, port,
-                 adapter.control.node)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        waits = [asyncio.ensure_future(e.wait()) for e in (stop, adapter.control.failed)]
-        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-        for waiting in waits:
-            waiting.cancel()
-        await adapter.stop()
-        return 1 if adapter.control.failed.is_set() else 0
-
-    return run_loop(main())
-
-
-def run_loop(coro):
-    """uvloop where installed: it halves the event loop's share of a call setup."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(coro)
-    return uvloop.run(coro)
+    host, port = split_hostport(app.settings.agi_bind)
+    return serve_adapter(AsteriskAdapter(app), host, port, "FastAGI")

@@ -43,6 +43,29 @@ def serve_asterisk(ctx):
     ctx.exit(status)
 
 
+@serve.command("freeswitch")
+@click.pass_context
+@refusals
+def serve_freeswitch(ctx):
+    """Outbound ESL server for the dialplan's `socket`, inbound ESL client for supervision.
+
+    Needs CALLGUARD_ESL_URL (esl://:password@host:8021) to supervise calls.
+
+    \b
+    Example:
+      CALLGUARD_ESL_URL=esl://:secret@127.0.0.1:8021 callguard serve freeswitch
+    """
+    from ..adapters.freeswitch import serve as run
+
+    app = app_of(ctx)
+    try:
+        status = run(app)
+    except OSError as exc:
+        raise Refused(f"cannot listen for outbound ESL on {app.settings.esl_bind}: "
+                      f"{exc.strerror or exc}") from None
+    ctx.exit(status)
+
+
 @cli.command()
 @click.option("--once", is_flag=True, help="Drain what is there and exit.")
 @click.pass_context
@@ -110,24 +133,28 @@ def rebuild(ctx, yes):
 @click.option("--calls", type=click.IntRange(1, 500), default=30, show_default=True)
 @click.option("--speed", type=click.FloatRange(1, 100), default=10, show_default=True,
               help="How much faster than wall time the simulated PBX runs.")
+@click.option("--pbx", type=click.Choice(["asterisk", "freeswitch"]), default="asterisk",
+              show_default=True, help="Which PBX to simulate (and which adapter to run).")
 @click.pass_context
 @refusals
-def demo(ctx, calls, speed):
+def demo(ctx, calls, speed, pbx):
     """See callguard stop a fraud: 30 simultaneous premium calls on CHF 50 of credit.
 
-    Starts the real `serve asterisk` and a simulated Asterisk that places the calls over
-    FastAGI and AMI, shows live progress, then compares the loss with what rating after
-    the call would have lost. Uses the embedded Redis; leaves nothing behind.
+    Starts the real `serve asterisk` (or `serve freeswitch`) and a simulated PBX that
+    places the calls over FastAGI and AMI (or ESL), shows live progress, then compares
+    the loss with what rating after the call would have lost. Uses the embedded Redis;
+    leaves nothing behind.
 
     \b
     Example:
       callguard demo
+      callguard demo --pbx freeswitch
     """
     from .. import demo as scenario
-    from ..adapters.asterisk import run_loop
+    from ..adapters.common import run_loop
 
     app, tmp = scenario.throwaway_app(app_of(ctx).settings)
-    sc = scenario.Scenario(calls=calls, speed=speed)
+    sc = scenario.Scenario(calls=calls, speed=speed, pbx=pbx)
     click.echo(f"A hacked PBX places {calls} simultaneous calls to a CHF 3.00/min premium "
                f"number;\nthe prepaid account holds {scenario.money(sc.balance)}. PBX time runs "
                f"{speed:g}x faster than wall time.\n")

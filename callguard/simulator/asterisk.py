@@ -46,6 +46,15 @@ class SimCall:
         return self.variables.get("CALLGUARD_RESULT") == "ALLOW"
 
     @property
+    def reason(self) -> str:
+        return self.variables.get("CALLGUARD_REASON", "")
+
+    @property
+    def cut_off(self) -> bool:
+        """Hung up on a timeout or by callguard (16) after an answer."""
+        return self.cause == 16 and self.answered_at is not None
+
+    @property
     def talk_seconds(self) -> float:
         if self.answered_at is None or self.ended_at is None:
             return 0.0

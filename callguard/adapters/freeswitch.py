@@ -1,0 +1,318 @@
+"""`callguard serve freeswitch`: the dialplan's `socket` application (outbound ESL)
+for authorize, one inbound ESL connection for answers, hangups, the dead man's
+timer and cut-off. It translates; the call control decides and supervises.
+
+Billing follows the leg that was authorised (the one that ran `socket`): its
+CHANNEL_ANSWER starts the clock and its CHANNEL_HANGUP_COMPLETE commits with
+FreeSWITCH's own `billmsec` for that leg. `bridge` answers that leg when the far
+end answers, so this is the talk time; a dialplan that answers the caller
+itself before bridging (an IVR) is billed from that answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import logging
+import math
+from decimal import Decimal
+
+from .. import service
+from ..clock import Clock
+from ..config import split_hostport
+from ..control import CallControl, LiveChannel
+from ..decisions import HANGUP_CAUSE, Decision
+from ..logs import Throttled
+from ..nodes import default_node
+from ..protocol import esl
+from ..protocol.errors import ProtocolError
+from .common import PeerFilter
+from .common import serve as serve_adapter
+from .esl_client import ESLClient, ESLError
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT = 5.0  # FreeSWITCH answers `connect` at once; a silent peer is dropped
+DRAIN_TIMEOUT = 2.0  # after the decision: how long the commands and the goodbye may take
+UP = frozenset({"ACTIVE", "HELD"})  # `show channels` callstates of an answered channel
+
+# Q.850 cause -> the name FreeSWITCH's commands take (switch_channel_str2cause).
+CAUSE_NAMES = {
+    1: "UNALLOCATED_NUMBER", 16: "NORMAL_CLEARING", 17: "USER_BUSY",
+    21: "CALL_REJECTED", 34: "NORMAL_CIRCUIT_CONGESTION", 41: "NORMAL_TEMPORARY_FAILURE",
+    111: "PROTOCOL_ERROR",
+}
+
+
+def cause_name(cause: int) -> str:
+    return CAUSE_NAMES.get(cause, "NORMAL_CLEARING")
+
+
+def micros_ms(text: str) -> int | None:
+    """FreeSWITCH's µs epoch ("1795235435415636") in ms; 0 or junk: None."""
+    return (int(text) // 1000 or None) if text.isdigit() else None
+
+
+class FreeSWITCHAdapter:
+    """Outbound ESL server, inbound ESL client and the PBX port of the call control."""
+
+    name = "FreeSWITCH"
+
+    def __init__(self, app: service.App, clock: Clock | None = None):
+        self.app = app
+        self.settings = s = app.settings
+        node = s.node or default_node("freeswitch", split_hostport(s.esl_bind)[1])
+        self.peer_allowed = PeerFilter(s.esl_allow)
+        self.esl = ESLClient(s.esl_url, self.on_event, self._logged_in) if s.esl_url else None
+        # FreeSWITCH's clock minus the scripts' clock, from its events' own timestamps: the
+        # largest recent sample is the one that waited least on the way.
+        self._ahead_samples: collections.deque[int] = collections.deque(maxlen=64)
+        self.control = CallControl(app, self, node, clock)
+        self.metrics = self.control.metrics
+        self.warn_refused = Throttled(log)
+        self.warn_bad_peer = Throttled(log)
+        self.server: asyncio.AbstractServer | None = None
+        self._esl_task: asyncio.Task | None = None
+
+    @property
+    def supervisor(self):
+        return self.control.supervisor
+
+    # -- lifecycle -------------------------------------------------------------------
+    async def start(self, host: str, port: int) -> None:
+        await self.control.start()
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(lambda: OutboundSession(self), host, port,
+                                               reuse_address=True, backlog=1024)
+        if self.esl:
+            self._esl_task = asyncio.ensure_future(self.esl.run())
+        else:
+            log.warning("no CALLGUARD_ESL_URL: nothing can supervise calls, so they get the "
+                        "failure policy (%s)", self.settings.failure_policy)
+
+    @property
+    def port(self) -> int:
+        return self.server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        """Stop taking calls, finish the call steps under way (commits), then stop."""
+        if self.server:
+            self.server.close()
+        await self.control.stop()
+        if self._esl_task:
+            self._esl_task.cancel()
+            await asyncio.wait([self._esl_task], timeout=2)
+
+    # -- the PBX port --------------------------------------------------------------------
+    @property
+    def supervising(self) -> bool:
+        return self.esl is not None and self.esl.connected.is_set()
+
+    async def hang_up(self, channel: str, cause: int) -> bool:
+        return await self._api("uuid_kill", channel, cause_name(cause))
+
+    async def push_deadline(self, channel: str, seconds: Decimal) -> bool:
+        """sched_hangup does not replace an earlier one: `sched_del <uuid>` drops every
+        task grouped under the channel first. Both go in one write, so FreeSWITCH runs
+        them back to back (it works in whole seconds: rounded up)."""
+        when = f"+{max(1, math.ceil(seconds))}"
+        replies = await self._api_batch(esl.api("sched_del", channel),
+                                        esl.api("sched_hangup", when, channel,
+                                                "ALLOTTED_TIMEOUT"))
+        return replies is not None and replies[1].ok
+
+    async def live_channels(self) -> dict[str, LiveChannel]:
+        reply = await self.esl.api("show", "channels", "as", "json")
+        try:
+            rows = json.loads(reply.body).get("rows", [])
+        except (ValueError, AttributeError):
+            raise ESLError(f"show channels: {reply.text[:80]!r}") from None
+        return {row["uuid"]: LiveChannel(row["uuid"], row["uuid"], row.get("callstate") in UP)
+                for row in rows if isinstance(row, dict) and row.get("uuid")}
+
+    async def answer_time(self, channel: LiveChannel) -> int | None:
+        """`uuid_dump` shows the channel's times; its answer variables only exist once
+        it hangs up."""
+        reply = await self.esl.api("uuid_dump", channel.channel, "json")
+        try:
+            dump = json.loads(reply.body)
+        except ValueError:
+            return None
+        if not isinstance(dump, dict):
+            return None
+        self._learn_clock(str(dump.get("Event-Date-Timestamp", "")))  # no event may have come
+        return self._pbx_time(str(dump.get("Caller-Channel-Answered-Time", "")))
+
+    def _learn_clock(self, micros: str) -> None:
+        stamp = micros_ms(micros)
+        if stamp is not None:
+            self._ahead_samples.append(stamp - self.control.redis_ms())
+
+    def _pbx_time(self, micros: str) -> int | None:
+        """A time FreeSWITCH wrote, on the scripts' clock; unknown offset, no time."""
+        ms = micros_ms(micros)
+        if ms is None or not self._ahead_samples:
+            return None
+        return ms - max(self._ahead_samples)
+
+    async def _api(self, *words: str) -> bool:
+        replies = await self._api_batch(esl.api(*words))
+        return replies is not None and replies[0].ok
+
+    async def _api_batch(self, *commands: bytes) -> list[esl.ApiResponse] | None:
+        if not self.supervising:
+            return None
+        try:
+            replies = await self.esl.send(*commands)
+        except (ESLError, ProtocolError, OSError) as exc:
+            log.warning("ESL %s failed: %s", commands[0][:60], exc)
+            return None
+        replies = replies if isinstance(replies, list) else [replies]
+        for reply in replies:
+            if not reply.ok:
+                log.info("ESL: %s", reply.text.strip())
+        return replies
+
+    async def _logged_in(self) -> None:
+        await self.control.reconcile()
+
+    # -- what FreeSWITCH reports ------------------------------------------------------
+    def on_event(self, event: esl.Event) -> None:
+        self._learn_clock(event.get("Event-Date-Timestamp"))
+        uuid = event.unique_id
+        if event.name == "CHANNEL_ANSWER":
+            self.control.answered(uuid, self._pbx_time(event.get("Caller-Channel-Answered-Time")))
+        elif event.name == "CHANNEL_HANGUP_COMPLETE":
+            billmsec = event.get("variable_billmsec")
+            self.control.hung_up(
+                uuid, event.get("variable_hangup_cause_q850") or "0",
+                self._pbx_time(event.get("Caller-Channel-Hangup-Time")),
+                self._pbx_time(event.get("Caller-Channel-Answered-Time")),
+                int(billmsec) if billmsec.isdigit() else None)
+
+    # -- authorize (outbound ESL) ---------------------------------------------------------
+    async def authorize(self, channel: dict[str, str]) -> Decision:
+        """The decision for one `socket` connection's channel data; never raises."""
+        uuid = channel.get("Unique-ID", "")
+        return await self.control.authorize(
+            channel.get("variable_callguard_account") or channel.get("variable_accountcode", ""),
+            channel.get("variable_callguard_dest") or channel.get("Caller-Destination-Number", ""),
+            channel.get("variable_callguard_direction") or "outbound",
+            uuid, uuid)
+
+
+class OutboundSession(asyncio.Protocol):
+    """One `socket` connection: connect, decide, set the callguard_* variables (and the
+    PBX's own timer, or hang a denied call up), then exit; the dialplan goes on."""
+
+    def __init__(self, adapter: FreeSWITCHAdapter):
+        self.adapter = adapter
+        self.reader = esl.ESLReader()
+        self.transport: asyncio.Transport | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.task: asyncio.Task | None = None
+        self.channel: dict[str, str] | None = None
+        self.replies = 0  # replies still expected to our commands
+        self.last_set: str | None = None  # its CHANNEL_EXECUTE_COMPLETE means all are set
+        self.done = False  # exit sent, or waiting for FreeSWITCH to hang a deny up
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        if not self.adapter.peer_allowed(peer[0] if peer else ""):
+            self.adapter.warn_refused("outbound ESL connection from %s refused (not in "
+                                      "esl_allow)", peer)
+            self.adapter.metrics["esl_refused"] += 1
+            transport.abort()
+            return
+        transport.write(esl.command("connect"))
+        self.timer = asyncio.get_running_loop().call_later(CONNECT_TIMEOUT, transport.abort)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            messages = self.reader.feed(data)
+        except ProtocolError as exc:
+            # Not FreeSWITCH talking: nothing is set, so the dialplan's re-check after
+            # `socket` hangs the call up.
+            self.adapter.warn_bad_peer("bad outbound ESL data: %s", exc)
+            self.adapter.metrics["esl_bad_request"] += 1
+            self.transport.abort()
+            return
+        for message in messages:
+            self._handle(message)
+
+    def _handle(self, message) -> None:
+        if isinstance(message, esl.Event):
+            if (message.name == "CHANNEL_EXECUTE_COMPLETE" and self.last_set is not None
+                    and message.get("Application-Data") == self.last_set):
+                self.last_set = None
+                self._maybe_exit()
+        elif isinstance(message, esl.CommandReply | esl.ApiResponse):
+            if self.channel is None:
+                if not isinstance(message, esl.CommandReply) or "Unique-ID" not in message.headers:
+                    self.adapter.metrics["esl_bad_request"] += 1
+                    self.transport.abort()
+                    return
+                self.channel = message.headers
+                self.transport.write(esl.command("myevents"))
+                self.replies = 1
+                self.task = asyncio.ensure_future(self._decide())
+                return
+            self.replies -= 1
+            if not message.ok:
+                log.warning("FreeSWITCH refused a command for %s: %s",
+                            self.channel.get("Unique-ID"), message.text.strip())
+            self._maybe_exit()
+        elif isinstance(message, esl.DisconnectNotice):
+            if message.get("Content-Disposition") != "linger":
+                self.transport.close()
+
+    async def _decide(self) -> None:
+        decision = await self.adapter.authorize(self.channel)
+        if self.transport.is_closing():
+            return
+        uuid = self.channel["Unique-ID"]
+        commands = []
+        if decision.allow:
+            # The PBX's own limit from the start: if we vanish, the call still ends once it
+            # could have rung and used its first grant.
+            commands.append(esl.api("sched_hangup", f"+{decision.deadline}", uuid,
+                                    "ALLOTTED_TIMEOUT"))
+        variables = [f"{name.lower()}={value}" for name, value in decision.channel_variables()]
+        commands += [esl.sendmsg_execute("set", v) for v in variables]
+        if not decision.allow:
+            commands.append(esl.sendmsg_hangup(cause_name(HANGUP_CAUSE[decision.reason])))
+        else:
+            self.last_set = variables[-1]
+        self.replies += len(commands)
+        self.done = not decision.allow  # a deny: FreeSWITCH hangs up and closes
+        self.transport.write(b"".join(commands))
+        if self.timer:
+            self.timer.cancel()
+        self.timer = asyncio.get_running_loop().call_later(DRAIN_TIMEOUT, self.transport.abort)
+
+    def _maybe_exit(self) -> None:
+        """Exit once every command is answered and the last variable is set: FreeSWITCH
+        then returns from `socket` and the dialplan goes on."""
+        if self.done or self.replies or self.last_set is not None or self.task is None \
+                or not self.task.done():
+            return
+        self.done = True
+        self.transport.write(esl.command("exit"))
+
+    def eof_received(self) -> bool:
+        self.transport.close()
+        return True
+
+    def connection_lost(self, exc) -> None:
+        # A running authorize is left to finish: its session is then tracked, and the
+        # channel's HANGUP_COMPLETE releases it.
+        if self.timer:
+            self.timer.cancel()
+
+
+def serve(app: service.App) -> int:
+    """Run `serve freeswitch` until SIGINT/SIGTERM; returns the exit status."""
+    host, port = split_hostport(app.settings.esl_bind)
+    return serve_adapter(FreeSWITCHAdapter(app), host, port, "outbound ESL")
