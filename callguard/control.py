@@ -69,7 +69,7 @@ class PBX(Protocol):
 def clean_cause(cause) -> str:
     """A PBX's hangup cause for the books: digits only (it comes off the wire)."""
     text = str(cause)
-    return text if text.isdigit() and len(text) <= 3 else "0"
+    return text if text.isascii() and text.isdigit() and len(text) <= 3 else "0"
 
 
 class CallControl:

@@ -17,15 +17,13 @@ from decimal import Decimal
 from .. import service
 from ..clock import Clock
 from ..config import split_hostport
-from ..control import CallControl, LiveChannel
+from ..control import LiveChannel
 from ..decisions import Reason, denied
-from ..logs import Throttled
 from ..nodes import default_node
 from ..protocol import agi, ami
 from ..protocol.errors import ProtocolError
 from .ami_client import AMIClient, AMIError
-from .common import PeerFilter
-from .common import serve as serve_adapter
+from .common import PBXAdapter, SetupConnection
 
 log = logging.getLogger(__name__)
 
@@ -44,64 +42,27 @@ def stamp_ms(stamp: str) -> int | None:
         return None
 
 
-class AsteriskAdapter:
+class AsteriskAdapter(PBXAdapter):
     """FastAGI server, AMI client and the PBX port of the call control, for Asterisk."""
 
     name = "Asterisk"
+    link_setting = "CALLGUARD_AMI_URL"
+    bind_setting = "agi_bind"
+    setup_protocol = "FastAGI"
 
     def __init__(self, app: service.App, clock: Clock | None = None):
-        self.app = app
-        self.settings = s = app.settings
-        node = s.node or default_node("asterisk", split_hostport(s.agi_bind)[1])
-        self.peer_allowed = PeerFilter(s.agi_allow)
-        self.ami = AMIClient(s.ami_url, self.on_event, self._logged_in,
-                             on_pong=self._pong) if s.ami_url else None
+        s = app.settings
+        self.link = self.ami = AMIClient(s.ami_url, self.on_event, self._logged_in,
+                                         on_pong=self._pong) if s.ami_url else None
         self._pbx_ahead_ms: int | None = None  # Asterisk's clock minus the scripts' clock
-        self.control = CallControl(app, self, node, clock)
-        self.metrics = self.control.metrics
-        self.warn_refused = Throttled(log)
-        self.warn_bad_request = Throttled(log)
-        self.server: asyncio.AbstractServer | None = None
-        self._ami_task: asyncio.Task | None = None
+        super().__init__(app, s.node or default_node("asterisk", split_hostport(s.agi_bind)[1]),
+                         s.agi_allow, clock)
 
-    @property
-    def supervisor(self):
-        return self.control.supervisor
-
-    @property
-    def engine(self):
-        return self.control.engine
-
-    # -- lifecycle -------------------------------------------------------------------
-    async def start(self, host: str, port: int) -> None:
-        await self.control.start()
-        loop = asyncio.get_running_loop()
-        self.server = await loop.create_server(lambda: AGIConnection(self), host, port,
-                                               reuse_address=True, backlog=1024)
-        if self.ami:
-            self._ami_task = asyncio.ensure_future(self.ami.run())
-        else:
-            log.warning("no CALLGUARD_AMI_URL: nothing can supervise calls, so they get the "
-                        "failure policy (%s)", self.settings.failure_policy)
-
-    @property
-    def port(self) -> int:
-        return self.server.sockets[0].getsockname()[1]
-
-    async def stop(self) -> None:
-        """Stop taking calls, finish the call steps under way (commits), then stop."""
-        if self.server:
-            self.server.close()
-        await self.control.stop()
-        if self._ami_task:
-            self._ami_task.cancel()
-            await asyncio.wait([self._ami_task], timeout=2)
+    @staticmethod
+    def connection(adapter):
+        return AGIConnection(adapter)
 
     # -- the PBX port --------------------------------------------------------------------
-    @property
-    def supervising(self) -> bool:
-        return self.ami is not None and self.ami.connected.is_set()
-
     async def hang_up(self, channel: str, cause: int) -> bool:
         return await self._action(ami.hangup, channel, cause)
 
@@ -146,9 +107,6 @@ class AsteriskAdapter:
             log.info("AMI %s %s: %s", build.__name__, args[0], reply.get("Message"))
         return reply.name == "Success"
 
-    async def _logged_in(self) -> None:
-        await self.control.reconcile()
-
     # -- what Asterisk reports -------------------------------------------------------------
     def on_event(self, event: ami.AMIEvent) -> None:
         name = event.name
@@ -182,28 +140,19 @@ class AsteriskAdapter:
         return variables
 
 
-class AGIConnection(asyncio.Protocol):
+class AGIConnection(SetupConnection):
     """One FastAGI session: headers in, SET VARIABLEs out, half-close, drain, close."""
 
     def __init__(self, adapter: AsteriskAdapter):
-        self.adapter = adapter
+        super().__init__(adapter)
         self.reader = agi.AGIRequestReader()
         self.replied = False
         self.replies: agi.AGIReplyReader | None = None  # None once replied: discard input
-        self.transport: asyncio.Transport | None = None
-        self.task: asyncio.Task | None = None
-        self.timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport) -> None:
         self.transport = transport
-        peer = transport.get_extra_info("peername")
-        if not self.adapter.peer_allowed(peer[0] if peer else ""):
-            self.adapter.warn_refused("FastAGI connection from %s refused (not in agi_allow)",
-                                      peer)
-            self.adapter.metrics["agi_refused"] += 1
-            transport.abort()
-            return
-        self.timer = asyncio.get_running_loop().call_later(HEADER_TIMEOUT, transport.abort)
+        if not self.adapter.refuse(transport):
+            self.arm(HEADER_TIMEOUT)
 
     def data_received(self, data: bytes) -> None:
         if self.replied:
@@ -242,9 +191,7 @@ class AGIConnection(asyncio.Protocol):
         self.transport.write_eof()
         self.replied = True
         self.replies = agi.AGIReplyReader()
-        if self.timer:
-            self.timer.cancel()
-        self.timer = asyncio.get_running_loop().call_later(DRAIN_TIMEOUT, self.transport.abort)
+        self.arm(DRAIN_TIMEOUT)
 
     def eof_received(self) -> bool:
         if not self.replied and self.task is None:
@@ -254,14 +201,4 @@ class AGIConnection(asyncio.Protocol):
         self.transport.close()
         return True
 
-    def connection_lost(self, exc) -> None:
-        # A running authorize is left to finish: its session is then tracked, and the
-        # channel's Hangup event (sent once we close) releases it.
-        if self.timer:
-            self.timer.cancel()
 
-
-def serve(app: service.App) -> int:
-    """Run `serve asterisk` until SIGINT/SIGTERM; returns the exit status."""
-    host, port = split_hostport(app.settings.agi_bind)
-    return serve_adapter(AsteriskAdapter(app), host, port, "FastAGI")

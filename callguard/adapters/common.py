@@ -1,4 +1,5 @@
-"""What both PBX adapters' processes share: who may connect, and the run loop."""
+"""What both PBX adapters share besides the call control: who may connect, the
+process around the adapter, and the run loop."""
 
 from __future__ import annotations
 
@@ -6,6 +7,12 @@ import asyncio
 import ipaddress
 import logging
 import signal
+
+from .. import service
+from ..clock import Clock
+from ..config import split_hostport
+from ..control import CallControl
+from ..logs import Throttled
 
 log = logging.getLogger(__name__)
 
@@ -30,13 +37,111 @@ class PeerFilter:
         return verdict
 
 
-def serve(adapter, host: str, port: int, what: str) -> int:
+class PBXAdapter:
+    """What an adapter's process holds besides its protocol: the call control, the
+    call-setup server, the event link's task. A subclass sets `name`, `link` (its
+    AMIClient or ESLClient, None when not configured), `link_setting`, and `connection`
+    (the asyncio.Protocol of one call-setup connection)."""
+
+    name = "PBX"
+    link_setting = ""  # the setting that configures the event link
+    bind_setting = ""  # the setting naming where call setups are served
+    setup_protocol = ""
+    link = None
+
+    def __init__(self, app: service.App, node: str, allow, clock: Clock | None):
+        self.app = app
+        self.settings = app.settings
+        self.peer_allowed = PeerFilter(allow)
+        self.control = CallControl(app, self, node, clock)
+        self.metrics = self.control.metrics
+        self.warn_refused = Throttled(log)
+        self.warn_bad_request = Throttled(log)
+        self.server: asyncio.AbstractServer | None = None
+        self._link_task: asyncio.Task | None = None
+
+    @property
+    def supervisor(self):
+        return self.control.supervisor
+
+    @property
+    def engine(self):
+        return self.control.engine
+
+    @property
+    def supervising(self) -> bool:
+        return self.link is not None and self.link.connected.is_set()
+
+    async def start(self, host: str, port: int) -> None:
+        await self.control.start()
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(lambda: self.connection(self), host, port,
+                                               reuse_address=True, backlog=1024)
+        if self.link:
+            self._link_task = asyncio.ensure_future(self.link.run())
+        else:
+            log.warning("no %s: nothing can supervise calls, so they get the failure policy "
+                        "(%s)", self.link_setting, self.settings.failure_policy)
+
+    @property
+    def port(self) -> int:
+        return self.server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        """Stop taking calls, finish the call steps under way (commits), then stop."""
+        if self.server:
+            self.server.close()
+        await self.control.stop()
+        if self._link_task:
+            self._link_task.cancel()
+            await asyncio.wait([self._link_task], timeout=2)
+
+    def refuse(self, transport) -> bool:
+        """Drop a call-setup connection from an address not allowed; True if dropped."""
+        peer = transport.get_extra_info("peername")
+        if self.peer_allowed(peer[0] if peer else ""):
+            return False
+        self.warn_refused("%s connection from %s refused (not allowed by the settings)",
+                          self.name, peer)
+        self.metrics["setup_refused"] += 1
+        transport.abort()
+        return True
+
+    async def _logged_in(self) -> None:
+        await self.control.reconcile()
+
+
+class SetupConnection(asyncio.Protocol):
+    """One call-setup connection (FastAGI, outbound ESL): its adapter, its transport and
+    the one timer that bounds whatever it waits for."""
+
+    def __init__(self, adapter: PBXAdapter):
+        self.adapter = adapter
+        self.transport: asyncio.Transport | None = None
+        self.task: asyncio.Task | None = None
+        self.timer: asyncio.TimerHandle | None = None
+
+    def arm(self, seconds: float) -> None:
+        """Abort the connection in `seconds` unless armed again."""
+        if self.timer:
+            self.timer.cancel()
+        self.timer = asyncio.get_running_loop().call_later(seconds, self.transport.abort)
+
+    def connection_lost(self, exc) -> None:
+        # A running authorize is left to finish: its session is then tracked, and the
+        # channel's hangup event (sent once we close) releases it.
+        if self.timer:
+            self.timer.cancel()
+
+
+def serve(adapter: PBXAdapter) -> int:
     """Run an adapter until SIGINT/SIGTERM (or until its identity is taken); the exit
     status."""
+    host, port = split_hostport(getattr(adapter.settings, adapter.bind_setting))
 
     async def main():
         await adapter.start(host, port)
-        log.info("callguard serving %s on %s:%d (node %s)", what, host, port,
+        log.info("callguard serving %s on %s:%d (node %s)", adapter.setup_protocol, host, port,
                  adapter.control.node)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -59,3 +164,5 @@ def run_loop(coro):
     except ImportError:
         return asyncio.run(coro)
     return uvloop.run(coro)
+
+

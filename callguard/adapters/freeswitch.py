@@ -21,14 +21,12 @@ from decimal import Decimal
 from .. import service
 from ..clock import Clock
 from ..config import split_hostport
-from ..control import CallControl, LiveChannel
+from ..control import LiveChannel
 from ..decisions import HANGUP_CAUSE, Decision
-from ..logs import Throttled
 from ..nodes import default_node
 from ..protocol import esl
 from ..protocol.errors import ProtocolError
-from .common import PeerFilter
-from .common import serve as serve_adapter
+from .common import PBXAdapter, SetupConnection
 from .esl_client import ESLClient, ESLError
 
 log = logging.getLogger(__name__)
@@ -51,64 +49,34 @@ def cause_name(cause: int) -> str:
 
 def micros_ms(text: str) -> int | None:
     """FreeSWITCH's µs epoch ("1795235435415636") in ms; 0 or junk: None."""
-    return (int(text) // 1000 or None) if text.isdigit() else None
+    micros = esl.whole(text)
+    return micros // 1000 or None if micros is not None else None
 
 
-class FreeSWITCHAdapter:
+class FreeSWITCHAdapter(PBXAdapter):
     """Outbound ESL server, inbound ESL client and the PBX port of the call control."""
 
     name = "FreeSWITCH"
+    link_setting = "CALLGUARD_ESL_URL"
+    bind_setting = "esl_bind"
+    setup_protocol = "outbound ESL"
 
     def __init__(self, app: service.App, clock: Clock | None = None):
-        self.app = app
-        self.settings = s = app.settings
-        node = s.node or default_node("freeswitch", split_hostport(s.esl_bind)[1])
-        self.peer_allowed = PeerFilter(s.esl_allow)
-        self.esl = ESLClient(s.esl_url, self.on_event, self._logged_in) if s.esl_url else None
-        # FreeSWITCH's clock minus the scripts' clock, from its events' own timestamps: the
-        # largest recent sample is the one that waited least on the way.
+        s = app.settings
+        self.link = self.esl = ESLClient(s.esl_url, self.on_event,
+                                         self._logged_in) if s.esl_url else None
+        # FreeSWITCH's clock minus the scripts' clock, from its own timestamps: the largest
+        # recent sample is the one that waited least on the way.
         self._ahead_samples: collections.deque[int] = collections.deque(maxlen=64)
-        self.control = CallControl(app, self, node, clock)
-        self.metrics = self.control.metrics
-        self.warn_refused = Throttled(log)
-        self.warn_bad_peer = Throttled(log)
-        self.server: asyncio.AbstractServer | None = None
-        self._esl_task: asyncio.Task | None = None
+        super().__init__(app, s.node or default_node("freeswitch",
+                                                     split_hostport(s.esl_bind)[1]),
+                         s.esl_allow, clock)
 
-    @property
-    def supervisor(self):
-        return self.control.supervisor
-
-    # -- lifecycle -------------------------------------------------------------------
-    async def start(self, host: str, port: int) -> None:
-        await self.control.start()
-        loop = asyncio.get_running_loop()
-        self.server = await loop.create_server(lambda: OutboundSession(self), host, port,
-                                               reuse_address=True, backlog=1024)
-        if self.esl:
-            self._esl_task = asyncio.ensure_future(self.esl.run())
-        else:
-            log.warning("no CALLGUARD_ESL_URL: nothing can supervise calls, so they get the "
-                        "failure policy (%s)", self.settings.failure_policy)
-
-    @property
-    def port(self) -> int:
-        return self.server.sockets[0].getsockname()[1]
-
-    async def stop(self) -> None:
-        """Stop taking calls, finish the call steps under way (commits), then stop."""
-        if self.server:
-            self.server.close()
-        await self.control.stop()
-        if self._esl_task:
-            self._esl_task.cancel()
-            await asyncio.wait([self._esl_task], timeout=2)
+    @staticmethod
+    def connection(adapter):
+        return OutboundSession(adapter)
 
     # -- the PBX port --------------------------------------------------------------------
-    @property
-    def supervising(self) -> bool:
-        return self.esl is not None and self.esl.connected.is_set()
-
     async def hang_up(self, channel: str, cause: int) -> bool:
         return await self._api("uuid_kill", channel, cause_name(cause))
 
@@ -174,9 +142,6 @@ class FreeSWITCHAdapter:
                 log.info("ESL: %s", reply.text.strip())
         return replies
 
-    async def _logged_in(self) -> None:
-        await self.control.reconcile()
-
     # -- what FreeSWITCH reports ------------------------------------------------------
     def on_event(self, event: esl.Event) -> None:
         self._learn_clock(event.get("Event-Date-Timestamp"))
@@ -184,12 +149,11 @@ class FreeSWITCHAdapter:
         if event.name == "CHANNEL_ANSWER":
             self.control.answered(uuid, self._pbx_time(event.get("Caller-Channel-Answered-Time")))
         elif event.name == "CHANNEL_HANGUP_COMPLETE":
-            billmsec = event.get("variable_billmsec")
             self.control.hung_up(
                 uuid, event.get("variable_hangup_cause_q850") or "0",
                 self._pbx_time(event.get("Caller-Channel-Hangup-Time")),
                 self._pbx_time(event.get("Caller-Channel-Answered-Time")),
-                int(billmsec) if billmsec.isdigit() else None)
+                esl.whole(event.get("variable_billmsec")))
 
     # -- authorize (outbound ESL) ---------------------------------------------------------
     async def authorize(self, channel: dict[str, str]) -> Decision:
@@ -202,16 +166,13 @@ class FreeSWITCHAdapter:
             uuid, uuid)
 
 
-class OutboundSession(asyncio.Protocol):
+class OutboundSession(SetupConnection):
     """One `socket` connection: connect, decide, set the callguard_* variables (and the
     PBX's own timer, or hang a denied call up), then exit; the dialplan goes on."""
 
     def __init__(self, adapter: FreeSWITCHAdapter):
-        self.adapter = adapter
+        super().__init__(adapter)
         self.reader = esl.ESLReader()
-        self.transport: asyncio.Transport | None = None
-        self.timer: asyncio.TimerHandle | None = None
-        self.task: asyncio.Task | None = None
         self.channel: dict[str, str] | None = None
         self.replies = 0  # replies still expected to our commands
         self.last_set: str | None = None  # its CHANNEL_EXECUTE_COMPLETE means all are set
@@ -219,15 +180,10 @@ class OutboundSession(asyncio.Protocol):
 
     def connection_made(self, transport) -> None:
         self.transport = transport
-        peer = transport.get_extra_info("peername")
-        if not self.adapter.peer_allowed(peer[0] if peer else ""):
-            self.adapter.warn_refused("outbound ESL connection from %s refused (not in "
-                                      "esl_allow)", peer)
-            self.adapter.metrics["esl_refused"] += 1
-            transport.abort()
+        if self.adapter.refuse(transport):
             return
         transport.write(esl.command("connect"))
-        self.timer = asyncio.get_running_loop().call_later(CONNECT_TIMEOUT, transport.abort)
+        self.arm(CONNECT_TIMEOUT)
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -235,7 +191,7 @@ class OutboundSession(asyncio.Protocol):
         except ProtocolError as exc:
             # Not FreeSWITCH talking: nothing is set, so the dialplan's re-check after
             # `socket` hangs the call up.
-            self.adapter.warn_bad_peer("bad outbound ESL data: %s", exc)
+            self.adapter.warn_bad_request("bad outbound ESL data: %s", exc)
             self.adapter.metrics["esl_bad_request"] += 1
             self.transport.abort()
             return
@@ -288,9 +244,7 @@ class OutboundSession(asyncio.Protocol):
         self.replies += len(commands)
         self.done = not decision.allow  # a deny: FreeSWITCH hangs up and closes
         self.transport.write(b"".join(commands))
-        if self.timer:
-            self.timer.cancel()
-        self.timer = asyncio.get_running_loop().call_later(DRAIN_TIMEOUT, self.transport.abort)
+        self.arm(DRAIN_TIMEOUT)
 
     def _maybe_exit(self) -> None:
         """Exit once every command is answered and the last variable is set: FreeSWITCH
@@ -305,14 +259,4 @@ class OutboundSession(asyncio.Protocol):
         self.transport.close()
         return True
 
-    def connection_lost(self, exc) -> None:
-        # A running authorize is left to finish: its session is then tracked, and the
-        # channel's HANGUP_COMPLETE releases it.
-        if self.timer:
-            self.timer.cancel()
 
-
-def serve(app: service.App) -> int:
-    """Run `serve freeswitch` until SIGINT/SIGTERM; returns the exit status."""
-    host, port = split_hostport(app.settings.esl_bind)
-    return serve_adapter(FreeSWITCHAdapter(app), host, port, "outbound ESL")

@@ -32,15 +32,9 @@ def serve_asterisk(ctx):
     Example:
       CALLGUARD_AMI_URL=ami://callguard:secret@127.0.0.1:5038 callguard serve asterisk
     """
-    from ..adapters.asterisk import serve as run
+    from ..adapters.asterisk import AsteriskAdapter
 
-    app = app_of(ctx)
-    try:
-        status = run(app)
-    except OSError as exc:
-        raise Refused(f"cannot listen for FastAGI on {app.settings.agi_bind}: "
-                      f"{exc.strerror or exc}") from None
-    ctx.exit(status)
+    _serve(ctx, AsteriskAdapter)
 
 
 @serve.command("freeswitch")
@@ -55,13 +49,20 @@ def serve_freeswitch(ctx):
     Example:
       CALLGUARD_ESL_URL=esl://:secret@127.0.0.1:8021 callguard serve freeswitch
     """
-    from ..adapters.freeswitch import serve as run
+    from ..adapters.freeswitch import FreeSWITCHAdapter
 
-    app = app_of(ctx)
+    _serve(ctx, FreeSWITCHAdapter)
+
+
+def _serve(ctx, adapter_class) -> None:
+    from ..adapters.common import serve as run
+
+    adapter = adapter_class(app_of(ctx))
     try:
-        status = run(app)
+        status = run(adapter)
     except OSError as exc:
-        raise Refused(f"cannot listen for outbound ESL on {app.settings.esl_bind}: "
+        bind = getattr(adapter.settings, adapter.bind_setting)
+        raise Refused(f"cannot listen for {adapter.setup_protocol} on {bind}: "
                       f"{exc.strerror or exc}") from None
     ctx.exit(status)
 

@@ -46,6 +46,7 @@ __all__ = [
     "sendmsg_hangup",
     "url_decode",
     "url_encode",
+    "whole",
 ]
 
 _BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
@@ -54,6 +55,11 @@ _NAME = re.compile(r"[A-Za-z0-9_.:-]+")
 _UNSAFE = frozenset(b"\r\n #%&+:;<=>?@[\\]^`{|}\"") | frozenset(range(0x20)) | frozenset(
     range(0x7F, 0x100))
 _ENCODE = {b: (f"%{b:02X}" if b in _UNSAFE else chr(b)) for b in range(0x100)}
+
+
+def whole(text: str) -> int | None:
+    """A count FreeSWITCH wrote (ASCII digits only: "²" is a digit to str.isdigit)."""
+    return int(text) if text.isascii() and text.isdigit() and len(text) <= 18 else None
 
 
 def url_decode(value: str) -> str:
@@ -177,6 +183,8 @@ class ESLReader:
                 if end < 0:
                     self._check_pending(buf, pos)
                     break
+                if end - pos > self.max_head:
+                    raise ProtocolError(f"header block longer than {self.max_head} bytes")
                 self._head = self._headers(bytes(buf[pos:end]))
                 pos = end + 2
                 self._need = self._length(self._head)
@@ -214,9 +222,9 @@ class ESLReader:
         text = head.get("Content-Length")
         if text is None:
             return 0
-        if not text.isdigit() or len(text) > 12:
+        length = whole(text)
+        if length is None:
             raise ProtocolError(f"bad Content-Length {text[:20]!r}")
-        length = int(text)
         kind = head.get("Content-Type", "")
         limit = self.max_event if kind.startswith("text/event") else self.max_body
         if length > limit:
@@ -253,7 +261,7 @@ def _plain_event(body: bytes, max_line: int, max_headers: int) -> Event:
     inner = b""
     if "Content-Length" in headers:
         length = headers["Content-Length"]
-        if not length.isdigit() or int(length) != len(rest):
+        if whole(length) != len(rest):
             raise ProtocolError(f"event's inner Content-Length {length[:20]!r} is not "
                                 f"its {len(rest)} bytes")
         inner = rest
@@ -363,7 +371,8 @@ def frame(content_type: str, body: bytes = b"", headers: tuple[tuple[str, str], 
 
 def event_frame(headers: list[tuple[str, str]], body: str = "") -> bytes:
     """A ``text/event-plain`` frame of the given (decoded) headers."""
-    lines = [f"{name}: {url_encode(value)}\n" for name, value in headers]
+    lines = [f"{name}: {url_encode(value)}\n" for name, value in headers
+             if name != "Content-Length"]  # the body's own, written below
     inner = body.encode("utf-8")
     if inner:
         lines.append(f"Content-Length: {len(inner)}\n")

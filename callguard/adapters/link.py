@@ -1,0 +1,122 @@
+"""The event link to a PBX (AMI, inbound ESL): one connection per process, kept up
+for ever, never silently absent.
+
+Commands fail fast while the link is down: replaying an old timeout or hangup
+later is wrong for callguard, so the supervisor decides again instead. A
+keepalive every `keepalive` seconds, and any command left unanswered for
+`timeout` seconds, drops the connection (a black-holed link sends no FIN);
+whatever goes wrong in a session, the link logs it and reconnects with backoff.
+A subclass speaks its protocol: `_login`, `_read`, `_ping`, `_fail_pending`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+log = logging.getLogger(__name__)
+
+
+class LinkError(RuntimeError):
+    pass
+
+
+class EventLink:
+    protocol = "PBX"
+    error: type[LinkError] = LinkError
+
+    def __init__(self, host: str, port: int, on_login: Callable[[], Awaitable[None]] | None,
+                 timeout: float, keepalive: float):
+        self.host, self.port = host, port
+        self.on_login = on_login
+        self.timeout, self.keepalive = timeout, keepalive
+        self._writer: asyncio.StreamWriter | None = None
+        self.connected = asyncio.Event()
+
+    def __repr__(self) -> str:  # never shows a secret
+        return f"{type(self).__name__}({self.host}:{self.port})"
+
+    async def run(self) -> None:
+        """Stay connected for ever: reconnect with exponential backoff."""
+        backoff = 0.5
+        while True:
+            try:
+                await self._session()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - any failure: drop the link, come back
+                log.warning("%s %s:%s: %s; reconnecting in %.1f s", self.protocol, self.host,
+                            self.port, str(exc) or type(exc).__name__, backoff)
+                if self.connected.is_set():
+                    backoff = 0.5  # it was up: the next try comes soon
+            finally:
+                self._drop()
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 30.0)
+
+    async def _session(self) -> None:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(self.host, self.port), self.timeout)
+        self._writer = writer
+        tasks = {asyncio.ensure_future(self._read(reader))}
+        try:
+            await self._login()
+            log.info("%s logged in to %s:%s", self.protocol, self.host, self.port)
+            self.connected.set()
+            tasks.add(asyncio.ensure_future(self._keepalive()))
+            if self.on_login:
+                # Beside the reader: a link that dies while on_login waits is still noticed.
+                tasks.add(asyncio.ensure_future(self.on_login()))
+            while True:
+                done, tasks = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    task.result()  # raises what ended the session; on_login may just end
+        finally:
+            for task in tasks:
+                if not task.done():
+                    task.cancel()
+                elif not task.cancelled():
+                    task.exception()  # retrieved: what ended the session is logged by run()
+
+    async def _keepalive(self) -> None:
+        while True:
+            await asyncio.sleep(self.keepalive)
+            await self._ping()
+
+    def _drop(self) -> None:
+        self.connected.clear()
+        if self._writer:
+            self._writer.transport.abort()
+            self._writer = None
+        self._fail_pending(self.error(f"{self.protocol} connection lost"))
+
+    def _writer_for(self, require_connected: bool) -> asyncio.StreamWriter:
+        if self._writer is None or (require_connected and not self.connected.is_set()):
+            raise self.error(f"{self.protocol} not connected")
+        return self._writer
+
+    async def _reply(self, writer: asyncio.StreamWriter, waiting: Awaitable):
+        """What `waiting` gives within the timeout; else the link is dropped (the reader
+        sees the end and the session reconnects)."""
+        try:
+            return await asyncio.wait_for(waiting, self.timeout)
+        except TimeoutError:
+            if writer is self._writer:
+                log.warning("%s %s:%s: no reply within %.1f s; dropping the link",
+                            self.protocol, self.host, self.port, self.timeout)
+                writer.transport.abort()
+            raise self.error(f"no reply within {self.timeout} s") from None
+
+    # -- the protocol's part -----------------------------------------------------------
+    async def _login(self) -> None:
+        raise NotImplementedError
+
+    async def _read(self, reader: asyncio.StreamReader) -> None:
+        raise NotImplementedError
+
+    async def _ping(self) -> None:
+        raise NotImplementedError
+
+    def _fail_pending(self, error: LinkError) -> None:
+        raise NotImplementedError
