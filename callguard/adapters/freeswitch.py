@@ -156,7 +156,7 @@ class FreeSWITCHAdapter(PBXAdapter):
                 esl.whole(event.get("variable_billmsec")))
 
     # -- authorize (outbound ESL) ---------------------------------------------------------
-    async def authorize(self, channel: dict[str, str]) -> Decision:
+    async def authorize(self, channel: esl.CommandReply) -> Decision:
         """The decision for one `socket` connection's channel data; never raises."""
         uuid = channel.get("Unique-ID", "")
         return await self.control.authorize(
@@ -172,10 +172,12 @@ class OutboundSession(SetupConnection):
 
     def __init__(self, adapter: FreeSWITCHAdapter):
         super().__init__(adapter)
-        self.reader = esl.ESLReader()
+        self.reader = esl.ESLReader(events=frozenset())  # they are only counted
         self.channel: dict[str, str] | None = None
         self.replies = 0  # replies still expected to our commands
-        self.last_set: str | None = None  # its CHANNEL_EXECUTE_COMPLETE means all are set
+        # Sets not yet run: the socket application keeps the channel parked, so nothing but
+        # our own sendmsg executes on it, in order, each ending in CHANNEL_EXECUTE_COMPLETE.
+        self.executing = 0
         self.done = False  # exit sent, or waiting for FreeSWITCH to hang a deny up
 
     def connection_made(self, transport) -> None:
@@ -199,18 +201,17 @@ class OutboundSession(SetupConnection):
             self._handle(message)
 
     def _handle(self, message) -> None:
-        if isinstance(message, esl.Event):
-            if (message.name == "CHANNEL_EXECUTE_COMPLETE" and self.last_set is not None
-                    and message.get("Application-Data") == self.last_set):
-                self.last_set = None
+        if isinstance(message, esl.SkippedEvent | esl.Event):
+            if message.name == "CHANNEL_EXECUTE_COMPLETE" and self.executing:
+                self.executing -= 1
                 self._maybe_exit()
         elif isinstance(message, esl.CommandReply | esl.ApiResponse):
             if self.channel is None:
-                if not isinstance(message, esl.CommandReply) or "Unique-ID" not in message.headers:
+                if not isinstance(message, esl.CommandReply) or not message.get("Unique-ID"):
                     self.adapter.metrics["esl_bad_request"] += 1
                     self.transport.abort()
                     return
-                self.channel = message.headers
+                self.channel = message
                 self.transport.write(esl.command("myevents"))
                 self.replies = 1
                 self.task = asyncio.ensure_future(self._decide())
@@ -228,7 +229,7 @@ class OutboundSession(SetupConnection):
         decision = await self.adapter.authorize(self.channel)
         if self.transport.is_closing():
             return
-        uuid = self.channel["Unique-ID"]
+        uuid = self.channel.get("Unique-ID")
         commands = []
         if decision.allow:
             # The PBX's own limit from the start: if we vanish, the call still ends once it
@@ -240,7 +241,7 @@ class OutboundSession(SetupConnection):
         if not decision.allow:
             commands.append(esl.sendmsg_hangup(cause_name(HANGUP_CAUSE[decision.reason])))
         else:
-            self.last_set = variables[-1]
+            self.executing = len(variables)
         self.replies += len(commands)
         self.done = not decision.allow  # a deny: FreeSWITCH hangs up and closes
         self.transport.write(b"".join(commands))
@@ -249,7 +250,7 @@ class OutboundSession(SetupConnection):
     def _maybe_exit(self) -> None:
         """Exit once every command is answered and the last variable is set: FreeSWITCH
         then returns from `socket` and the dialplan goes on."""
-        if self.done or self.replies or self.last_set is not None or self.task is None \
+        if self.done or self.replies or self.executing or self.task is None \
                 or not self.task.done():
             return
         self.done = True

@@ -22,6 +22,14 @@ class LinkError(RuntimeError):
     pass
 
 
+def _task(coro) -> asyncio.Task:
+    """A task of a session: what ends one is raised by the session and logged by run();
+    the others' errors, left behind as it ends, are of no interest."""
+    task = asyncio.ensure_future(coro)
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())
+    return task
+
+
 class EventLink:
     protocol = "PBX"
     error: type[LinkError] = LinkError
@@ -59,25 +67,22 @@ class EventLink:
         reader, writer = await asyncio.wait_for(
             asyncio.open_connection(self.host, self.port), self.timeout)
         self._writer = writer
-        tasks = {asyncio.ensure_future(self._read(reader))}
+        tasks = {_task(self._read(reader))}
         try:
             await self._login()
             log.info("%s logged in to %s:%s", self.protocol, self.host, self.port)
             self.connected.set()
-            tasks.add(asyncio.ensure_future(self._keepalive()))
+            tasks.add(_task(self._keepalive()))
             if self.on_login:
                 # Beside the reader: a link that dies while on_login waits is still noticed.
-                tasks.add(asyncio.ensure_future(self.on_login()))
+                tasks.add(_task(self.on_login()))
             while True:
                 done, tasks = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
                 for task in done:
                     task.result()  # raises what ended the session; on_login may just end
         finally:
             for task in tasks:
-                if not task.done():
-                    task.cancel()
-                elif not task.cancelled():
-                    task.exception()  # retrieved: what ended the session is logged by run()
+                task.cancel()
 
     async def _keepalive(self) -> None:
         while True:

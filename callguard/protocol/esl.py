@@ -19,9 +19,10 @@ frames the way FreeSWITCH does.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from urllib.parse import unquote
 
 from callguard.protocol.errors import ProtocolError
@@ -37,6 +38,7 @@ __all__ = [
     "Event",
     "Frame",
     "ProtocolError",
+    "SkippedEvent",
     "api",
     "auth",
     "command",
@@ -50,7 +52,8 @@ __all__ = [
 ]
 
 _BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
-_NAME = re.compile(r"[A-Za-z0-9_.:-]+")
+_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+_NAMES = re.compile(r"[A-Za-z0-9_.-]+(?:\n[A-Za-z0-9_.-]+)*")
 # SWITCH_URL_UNSAFE, and every byte below 0x20 or above 0x7E.
 _UNSAFE = frozenset(b"\r\n #%&+:;<=>?@[\\]^`{|}\"") | frozenset(range(0x20)) | frozenset(
     range(0x7F, 0x100))
@@ -77,16 +80,53 @@ def url_encode(value: str) -> str:
     return "".join(_ENCODE[b] for b in value.encode("utf-8"))
 
 
-@dataclass(frozen=True, slots=True)
-class Frame:
-    """One frame; ``headers`` holds the outer headers, decoded."""
+class Fields:
+    """Header fields as they came, URL-decoded when read: a frame's escapes were checked
+    when it was parsed, but most of its ~250 values are never looked at."""
 
-    content_type: str
-    headers: dict[str, str] = field(repr=False)
-    body: bytes = field(default=b"", repr=False)
+    __slots__ = ("_raw", "_decoded")
+
+    def __init__(self, raw: dict[str, str], encoded: bool = True):
+        self._raw = raw
+        self._decoded: dict[str, str] | None = None if encoded else raw
 
     def get(self, name: str, default: str = "") -> str:
-        return self.headers.get(name, default)
+        value = self._raw.get(name)
+        if value is None:
+            return default
+        if "%" in value and self._decoded is not self._raw:
+            return unquote(value, errors="replace")
+        return value
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """Every field, decoded, in the order they came."""
+        if self._decoded is None:
+            self._decoded = dict(self._raw)
+            _decode_values(self._decoded)
+        return self._decoded
+
+    def __eq__(self, other) -> bool:
+        return type(other) is type(self) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+
+class Frame(Fields):
+    """One frame: what it is, its outer headers, its body."""
+
+    __slots__ = ("content_type", "body")
+
+    def __init__(self, content_type: str, headers: dict[str, str], body: bytes = b""):
+        super().__init__(headers)
+        self.content_type, self.body = content_type, body
+
+    def _key(self):
+        return self.content_type, tuple(self._raw.items()), self.body
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.content_type!r})"
 
 
 class AuthRequest(Frame):
@@ -129,18 +169,31 @@ class DisconnectNotice(Frame):
     __slots__ = ()
 
 
-@dataclass(frozen=True, slots=True)
-class Event:
-    name: str  # Event-Name
-    headers: dict[str, str] = field(repr=False)  # the event's own headers, decoded
-    body: str = field(default="", repr=False)  # BACKGROUND_JOB's output, say
+class Event(Fields):
+    __slots__ = ("name", "body")
 
-    def get(self, name: str, default: str = "") -> str:
-        return self.headers.get(name, default)
+    def __init__(self, name: str, headers: dict[str, str], body: str = "",
+                 encoded: bool = True):
+        super().__init__(headers, encoded)  # JSON events are not URL-encoded
+        self.name = name  # Event-Name
+        self.body = body  # BACKGROUND_JOB's output, say
 
     @property
     def unique_id(self) -> str:
-        return self.headers.get("Unique-ID", "")
+        return self.get("Unique-ID")
+
+    def _key(self):
+        return self.name, tuple(self._raw.items()), self.body
+
+    def __repr__(self) -> str:
+        return f"Event({self.name!r}, {self.unique_id!r})"
+
+
+@dataclass(frozen=True, slots=True)
+class SkippedEvent:
+    """An event framed and named but not parsed: the reader was told which it reads."""
+
+    name: str
 
 
 _KINDS = {
@@ -150,7 +203,7 @@ _KINDS = {
     "text/disconnect-notice": DisconnectNotice,
 }
 
-ESLMessage = Frame | Event
+ESLMessage = Frame | Event | SkippedEvent
 
 
 class ESLReader:
@@ -164,7 +217,10 @@ class ESLReader:
 
     def __init__(self, *, max_line: int = 16384, max_headers: int = 1024,
                  max_head: int = 256 << 10, max_event: int = 1 << 20,
-                 max_body: int = 64 << 20) -> None:
+                 max_body: int = 64 << 20, events: frozenset[str] | None = None) -> None:
+        # Plain events not named in `events` come as SkippedEvent: a call setup sees a dozen
+        # events of its channel and needs only to count some of them.
+        self.events = events
         self.max_line, self.max_headers, self.max_head = max_line, max_headers, max_head
         self.max_event, self.max_body = max_event, max_body
         self._buf = bytearray()
@@ -211,6 +267,10 @@ class ESLReader:
     def _message(self, head: dict[str, str], body: bytes) -> ESLMessage:
         kind = head.get("Content-Type")
         if kind == "text/event-plain":
+            if self.events is not None and body.startswith(b"Event-Name: "):
+                name = body[12:body.find(b"\n")].decode("ascii", "replace")
+                if name not in self.events:
+                    return SkippedEvent(name)
             return _plain_event(body, self.max_line, self.max_headers)
         if kind == "text/event-json":
             return _json_event(body)
@@ -233,24 +293,54 @@ class ESLReader:
 
 
 def parse_headers(block: bytes, max_line: int, max_headers: int) -> dict[str, str]:
-    """``Name: value`` lines, values URL-decoded; the first of a repeated name wins."""
+    """``Name: value`` lines, checked, values left URL-encoded (Fields decodes them).
+    Split by C-level string methods: encoded values hold no
+    raw ": " and no LF, so every line splits once; a Python loop over a HANGUP_COMPLETE's
+    ~250 lines would cost most of its parse."""
     try:
         text = block.decode("ascii")
     except UnicodeDecodeError:
         raise ProtocolError("raw non-ASCII byte in headers (FreeSWITCH encodes them)") from None
-    lines = text.split("\n")
-    if len(lines) > max_headers:
+    lines = text.count("\n") + 1
+    if lines > max_headers:
         raise ProtocolError(f"more than {max_headers} header lines")
-    headers: dict[str, str] = {}
-    for line in lines:
-        if len(line) > max_line:
-            raise ProtocolError(f"header line longer than {max_line} bytes")
-        name, sep, value = line.partition(":")
-        if not sep or not _NAME.fullmatch(name):
-            raise ProtocolError(f"not a header line: {line[:80]!r}")
-        if name not in headers:
-            headers[name] = url_decode(value[1:] if value.startswith(" ") else value)
+    if len(text) > max_line and _long_line(max_line).search(text):
+        raise ProtocolError(f"header line longer than {max_line} bytes")
+    items = text.replace("\n", ": ").split(": ")
+    if len(items) == 2 * lines and _NAMES.fullmatch("\n".join(items[0::2])):
+        pairs = list(zip(items[0::2], items[1::2], strict=True))
+    else:  # an unencoded value with ": " in it (`+OK Job-UUID: ...`), or not headers at all
+        pairs = [_pair(line) for line in text.split("\n")]
+    # A repeated name keeps its place and its last value: FreeSWITCH repeats only
+    # HANGUP_COMPLETE's Hangup-Cause, with the same value.
+    headers = dict(pairs)
+    bad = _BAD_ESCAPE.search(text) if "%" in text else None
+    if bad:
+        raise ProtocolError(f"bad URL encoding in {text[max(0, bad.start() - 40):][:80]!r}")
     return headers
+
+
+def _pair(line: str) -> tuple[str, str]:
+    name, sep, value = line.partition(":")
+    if not sep or not _NAME.fullmatch(name):
+        raise ProtocolError(f"not a header line: {line[:80]!r}")
+    return name, value[1:] if value.startswith(" ") else value
+
+
+@functools.cache
+def _long_line(max_line: int) -> re.Pattern:
+    return re.compile(f"[^\n]{{{max_line + 1}}}")
+
+
+def _decode_values(headers: dict[str, str]) -> None:
+    """URL-decode in place, in one `unquote` for all values: no raw LF is inside an
+    encoded value, so LF joins them; a value that decodes to a LF falls back to one
+    `unquote` each."""
+    names = [name for name, value in headers.items() if "%" in value]
+    decoded = unquote("\n".join(headers[name] for name in names), errors="replace").split("\n")
+    if len(decoded) != len(names):
+        decoded = [unquote(headers[name], errors="replace") for name in names]
+    headers.update(zip(names, decoded, strict=True))
 
 
 def _plain_event(body: bytes, max_line: int, max_headers: int) -> Event:
@@ -267,7 +357,7 @@ def _plain_event(body: bytes, max_line: int, max_headers: int) -> Event:
         inner = rest
     elif rest:
         raise ProtocolError("bytes after a plain event's headers")
-    return _event(headers, inner.decode("utf-8", "replace"))
+    return _event(headers, inner.decode("utf-8", "replace"), encoded=True)
 
 
 def _json_event(body: bytes) -> Event:
@@ -278,14 +368,14 @@ def _json_event(body: bytes) -> Event:
     if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
         raise ProtocolError("JSON event that is not an object of strings")
     inner = data.pop("_body", "")
-    return _event(data, inner)
+    return _event(data, inner, encoded=False)
 
 
-def _event(headers: dict[str, str], body: str) -> Event:
+def _event(headers: dict[str, str], body: str, encoded: bool) -> Event:
     name = headers.get("Event-Name")
     if not name:
         raise ProtocolError("event without Event-Name")
-    return Event(name, headers, body)
+    return Event(name, headers, body, encoded)
 
 
 # -- what callguard sends ------------------------------------------------------------------
