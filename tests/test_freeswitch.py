@@ -162,27 +162,31 @@ def test_extends_move_sched_hangup_forward_after_sched_del(plan):
     assert call.cause == "NORMAL_CLEARING" and call.talk_seconds >= 149 and not call.killed
 
 
-def test_kill_and_block_hangup_reach_whichever_process_holds_the_call(plan):
+def test_operators_list_kill_and_block_hangup_calls_of_whichever_process(plan, request):
+    """`calls list`, `calls kill`, `account block --hangup` as an operator types them."""
+    import json
+
+    cli = request.getfixturevalue("run")  # the CLI against this test's services
     prepaid(plan, ACCT, balance=50_000_000)
 
     async def scenario():
         async with fs_rig(plan, nodes=("node-a", "node-b")) as (sim, adapters):
-            sim.outbound_port = adapters[1].port  # the call lands on node-b
-            task = asyncio.ensure_future(sim.call(ACCT, PREMIUM, ring=0.1, talk=60))
+            sim.outbound_port = adapters[1].port  # the calls land on node-b
             talking = lambda: any(t.state is CallState.TALKING  # noqa: E731
                                   for t in adapters[1].supervisor.sessions.values())
+            first = asyncio.ensure_future(sim.call(ACCT, PREMIUM, ring=0.1, talk=60))
             await until(talking, "the first call answered on node-b")
-            session = next(iter(adapters[1].supervisor.sessions))
-            assert await asyncio.to_thread(service.kill, plan, [session]) >= 2
-            killed = await asyncio.wait_for(task, 30)
+            listed = json.loads((await asyncio.to_thread(cli, "calls", "list", "--json")).stdout)
+            await asyncio.to_thread(cli, "calls", "kill", listed[0]["session"])
+            killed = await asyncio.wait_for(first, 30)
             second = asyncio.ensure_future(sim.call(ACCT, PREMIUM, ring=0.1, talk=60))
             await until(talking, "the second call answered on node-b")
-            sessions = [s["session"] for s in service.live_sessions(plan, ACCT)]
-            service.update_account(plan, ACCT, status="blocked", block_reason="fraud")
-            service.kill(plan, sessions)
-            return killed, await asyncio.wait_for(second, 30), sim
+            await asyncio.to_thread(cli, "account", "block", ACCT, "--hangup")
+            return listed, killed, await asyncio.wait_for(second, 30), sim
 
-    killed, blocked, sim = run(scenario())
+    listed, killed, blocked, sim = run(scenario())
+    assert [(c["session"], c["node"]) for c in listed] == [
+        (killed.variables["callguard_session"], "node-b")]
     assert killed.cut_off and blocked.cut_off  # the callers would have talked for 60 s
     assert [args[0] for args in apis(sim, "uuid_kill")] == [killed.uuid, blocked.uuid]
 
