@@ -35,6 +35,7 @@ from .supervision import CallState, Extend, Hangup, PushDeadline, Release, Super
 log = logging.getLogger(__name__)
 
 REDIS_ERRORS = (redis.RedisError, OSError)
+ENDED_KEPT = 4096  # hangups of untracked channels remembered: far more than setups in flight
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +95,8 @@ class CallControl:
         self._tasks: set[asyncio.Task] = set()  # for ever: timers, pub/sub, housekeeping
         self._work: set[asyncio.Task] = set()  # one call step each: answer, extend, commit
         self._committing: set[str] = set()  # sessions whose commit is being retried
+        # Hangups of channels not tracked (yet): the last few, by channel id.
+        self._ended: collections.OrderedDict[str, tuple] = collections.OrderedDict()
         self.identity = False  # the node lease is held: this process may own sessions
         self._plans_stamp = None
 
@@ -202,6 +205,9 @@ class CallControl:
         now = self.clock.monotonic()
         self.supervisor.track(decision.session, channel_id, channel,
                               now + deadline + s.grace_seconds)
+        ended = self._ended.pop(channel_id, None)
+        if ended:
+            self.hung_up(channel_id, *ended)  # while Redis decided
         return dataclasses.replace(decision, deadline=deadline)
 
     def _unavailable(self) -> Decision:
@@ -230,15 +236,19 @@ class CallControl:
                 answered_ms: int | None = None, talk_ms: int | None = None) -> None:
         """The PBX ended the channel at `at_ms`. A PBX that keeps its own record of the
         call also gives its answer time and billed duration (FreeSWITCH's billmsec): the
-        commit then bills exactly that duration from the answer Redis was told of."""
+        commit then bills exactly that duration from the answer Redis holds."""
         tracked = self.supervisor.hung_up(channel_id)
         if tracked:
             # The answer's own time goes along: Redis may not have it yet (Redis away).
-            answered = tracked.answered_ms or answered_ms
-            end = tracked.cut_ms or at_ms
-            if talk_ms is not None and answered is not None:
-                end = answered + talk_ms
-            self._commit_soon(tracked.session, clean_cause(cause), "reported", end, answered)
+            self._commit_soon(tracked.session, clean_cause(cause), "reported",
+                              tracked.cut_ms or at_ms, tracked.answered_ms or answered_ms,
+                              talk_ms)
+        else:
+            # Perhaps a call whose authorize is still deciding (the caller gave up): it
+            # is ended as soon as it is tracked.
+            self._ended[channel_id] = (cause, at_ms, answered_ms, talk_ms)
+            while len(self._ended) > ENDED_KEPT:
+                self._ended.popitem(last=False)
 
     async def _answer(self, session: str, answered_ms: int | None = None,
                       resumed: bool = False) -> None:
@@ -282,21 +292,22 @@ class CallControl:
                                                    resumed))
 
     def _commit_soon(self, session: str, cause: str, mode: str, end_ms: int | None,
-                     answered_ms: int | None = None) -> None:
+                     answered_ms: int | None = None, talk_ms: int | None = None) -> None:
         self._committing.add(session)
         task = self.spawn(self._commit(session, cause, mode, end_ms, self.redis_ms(),
-                                       answered_ms))
+                                       answered_ms, talk_ms))
         task.add_done_callback(lambda _: self._committing.discard(session))
 
     async def _commit(self, session: str, cause: str, mode: str, end_ms: int | None,
-                      seen_ms: int, answered_ms: int | None = None) -> None:
+                      seen_ms: int, answered_ms: int | None = None,
+                      talk_ms: int | None = None) -> None:
         """Commit until Redis takes it (commits are idempotent): a retry bills to when the
         end was seen, not to when Redis came back."""
         delay = 0.2
         while True:
             try:
                 await self.engine.commit(session, cause, self.clock.redis_now(), mode, end_ms,
-                                         answered_ms)
+                                         answered_ms, talk_ms)
                 return
             except REDIS_ERRORS as exc:
                 self.warn_commit("commit %s: %s; retrying until Redis takes it", session, exc)

@@ -50,9 +50,11 @@ def test_allow_sets_every_variable_arms_the_pbx_timer_and_the_dialplan_goes_on(p
         "callguard_reason": "OK", "callguard_grant": "60", "callguard_maxsec": "1000",
         "callguard_session": f"{ACCT}/{call.uuid}/1"}
     assert call.bridged  # past the re-check in callguard_checked
-    # The dead man's switch from the start: ring time + first grant + grace, on the uuid.
+    # The dead man's switch from the start: ring time + first grant + grace, on the uuid
+    # (plus the second FreeSWITCH's whole-second scheduler may take off), alone in its group.
+    assert apis(sim, "sched_del", inbound=False) == [[call.uuid]]
     assert apis(sim, "sched_hangup", inbound=False) == [[
-        f"+{120 + 60 + plan.settings.grace_seconds}", call.uuid, "ALLOTTED_TIMEOUT"]]
+        f"+{120 + 60 + plan.settings.grace_seconds + 1}", call.uuid, "ALLOTTED_TIMEOUT"]]
     # Exit only once the last variable is set (async mode runs sendmsg later).
     lines = [c.line for _, c in sim.outbound_commands]
     assert lines[0] == "myevents" and lines[-1] == "exit"
@@ -158,7 +160,7 @@ def test_extends_move_sched_hangup_forward_after_sched_del(plan):
         # The earlier task (the socket's, or the last extend's) goes first: they add up.
         assert delete == ["sched_del", call.uuid]
         assert schedule[0] == "sched_hangup" and schedule[2:] == [call.uuid, "ALLOTTED_TIMEOUT"]
-        assert 0 < int(schedule[1][1:]) <= 60 + 5 + 1 + plan.settings.grace_seconds
+        assert 0 < int(schedule[1][1:]) <= 60 + 5 + 2 + plan.settings.grace_seconds
     assert call.cause == "NORMAL_CLEARING" and call.talk_seconds >= 149 and not call.killed
 
 
@@ -272,7 +274,7 @@ def test_a_black_holed_link_gives_the_failure_policy_until_it_is_back(plan, poli
         assert blind.variables["callguard_result"] == "DENY" and not blind.bridged
     else:  # the short final grant, ringing included, on FreeSWITCH's own scheduler
         assert blind.variables["callguard_result"] == "ALLOW"
-        grant = plan.settings.fail_open_grant + plan.settings.grace_seconds
+        grant = plan.settings.fail_open_grant + plan.settings.grace_seconds + 1
         assert [f"+{grant}", blind.uuid, "ALLOTTED_TIMEOUT"] in apis(sim, "sched_hangup")
     assert back.allowed and back.reason == "OK"
 
@@ -371,3 +373,67 @@ def test_the_simulations_frames_come_from_the_recording():
     from callguard.simulator.freeswitch import TEMPLATES
 
     assert TEMPLATES["frames"] == recorded_templates()
+
+
+def test_one_odd_timestamp_does_not_move_the_bill(plan):
+    """A FreeSWITCH clock step (or a forged event) stamped ten minutes ahead, once."""
+    from callguard.simulator.freeswitch import SimChannel
+
+    prepaid(plan, ACCT, balance=50_000_000)
+
+    async def scenario():
+        async with fs_rig(plan, speed=20) as (sim, _):
+            sim.clock_skew_ms = 600_000
+            sim.emit("CHANNEL_ANSWER", SimChannel("0" * 8 + "-0000-0000-0000-" + "0" * 12,
+                                                  "x", "x", "1"))
+            sim.clock_skew_ms = 0
+            return await sim.call(ACCT, PREMIUM, ring=5, talk=120)
+
+    call = run(scenario())
+    assert 50_000_000 - snapshot(plan, ACCT)["balance"] == RATE.cost(int(call.talk_seconds))
+
+
+def test_a_caller_answered_before_the_socket_is_supervised_from_the_start(plan):
+    """An IVR in front answers the caller: callguard must still extend and cut off."""
+    prepaid(plan, ACCT, balance=500_000)  # 10 s at CHF 3/min
+
+    async def scenario():
+        async with fs_rig(plan, speed=20) as (sim, [adapter]):
+            await until(lambda: "api show channels as json" in sim.commands, "the reconcile")
+            await asyncio.sleep(0.1)  # done: it cannot be what finds this call answered
+            return await sim.call(ACCT, PREMIUM, ring=1, talk=600, answered=True), sim
+
+    call, sim = run(scenario())
+    assert call.cut_off and apis(sim, "uuid_kill") == [[call.uuid, "NORMAL_CLEARING"]]
+    state = snapshot(plan, ACCT)
+    assert (state["reserved"], state["channels"]) == (0, 0)
+    assert -state["balance"] <= plan.settings.grace_seconds * 50_000
+
+
+def test_a_caller_who_gives_up_while_redis_decides_holds_nothing(plan):
+    """The HANGUP_COMPLETE comes before the decision: the session is ended once it exists."""
+    prepaid(plan, ACCT, balance=50_000_000, max_channels=1)
+
+    async def scenario():
+        async with fs_rig(plan) as (sim, [adapter]):
+            decide, release = adapter.control.engine.run, asyncio.Event()
+
+            async def slow(call):  # Redis decides only once the caller has gone
+                await release.wait()
+                return await decide(call)
+
+            adapter.control.engine.run = slow
+            task = asyncio.ensure_future(sim.call(ACCT, PREMIUM, ring=0.1, talk=5))
+            await until(lambda: any(c.socket_writer for c in sim.calls.values()), "the socket")
+            sim.hangup(next(iter(sim.calls.values())), "ORIGINATOR_CANCEL")
+            await task
+            await until(lambda: adapter.control._ended, "its HANGUP_COMPLETE read")
+            release.set()
+            await until(lambda: snapshot(plan, ACCT)["channels"] == 0, "the session ended",
+                        diagnose=lambda: snapshot(plan, ACCT))
+            adapter.control.engine.run = decide
+            return await sim.call(ACCT, PREMIUM, ring=0.1, talk=0.1)
+
+    after = run(scenario())
+    assert snapshot(plan, ACCT)["reserved"] == 0
+    assert after.allowed  # the channel cap of 1 is free again

@@ -16,6 +16,7 @@ import collections
 import json
 import logging
 import math
+import statistics
 from decimal import Decimal
 
 from .. import service
@@ -65,9 +66,10 @@ class FreeSWITCHAdapter(PBXAdapter):
         s = app.settings
         self.link = self.esl = ESLClient(s.esl_url, self.on_event,
                                          self._logged_in) if s.esl_url else None
-        # FreeSWITCH's clock minus the scripts' clock, from its own timestamps: the largest
-        # recent sample is the one that waited least on the way.
-        self._ahead_samples: collections.deque[int] = collections.deque(maxlen=64)
+        # FreeSWITCH's clock minus the scripts' clock, from its own timestamps: the median
+        # of recent samples, so that one odd stamp (a clock step, a forged event) moves
+        # nothing; the transit delay it leaves in is milliseconds.
+        self._ahead_samples: collections.deque[int] = collections.deque(maxlen=63)
         super().__init__(app, s.node or default_node("freeswitch",
                                                      split_hostport(s.esl_bind)[1]),
                          s.esl_allow, clock)
@@ -83,8 +85,9 @@ class FreeSWITCHAdapter(PBXAdapter):
     async def push_deadline(self, channel: str, seconds: Decimal) -> bool:
         """sched_hangup does not replace an earlier one: `sched_del <uuid>` drops every
         task grouped under the channel first. Both go in one write, so FreeSWITCH runs
-        them back to back (it works in whole seconds: rounded up)."""
-        when = f"+{max(1, math.ceil(seconds))}"
+        them back to back. Its scheduler counts whole epoch seconds from the current one,
+        so a task may run up to a second early: rounded up, plus one."""
+        when = f"+{math.ceil(seconds) + 1}"
         replies = await self._api_batch(esl.api("sched_del", channel),
                                         esl.api("sched_hangup", when, channel,
                                                 "ALLOTTED_TIMEOUT"))
@@ -122,7 +125,7 @@ class FreeSWITCHAdapter(PBXAdapter):
         ms = micros_ms(micros)
         if ms is None or not self._ahead_samples:
             return None
-        return ms - max(self._ahead_samples)
+        return ms - statistics.median_low(self._ahead_samples)
 
     async def _api(self, *words: str) -> bool:
         replies = await self._api_batch(esl.api(*words))
@@ -172,7 +175,10 @@ class OutboundSession(SetupConnection):
 
     def __init__(self, adapter: FreeSWITCHAdapter):
         super().__init__(adapter)
-        self.reader = esl.ESLReader(events=frozenset())  # they are only counted
+        # Nothing big comes here: a channel's data, command replies, its own events (only
+        # counted). Tight bounds, so a thousand hostile peers cannot take much memory.
+        self.reader = esl.ESLReader(events=frozenset(), max_head=64 << 10,
+                                    max_event=64 << 10, max_body=4096)
         self.channel: dict[str, str] | None = None
         self.replies = 0  # replies still expected to our commands
         # Sets not yet run: the socket application keeps the channel parked, so nothing but
@@ -233,9 +239,14 @@ class OutboundSession(SetupConnection):
         commands = []
         if decision.allow:
             # The PBX's own limit from the start: if we vanish, the call still ends once it
-            # could have rung and used its first grant.
-            commands.append(esl.api("sched_hangup", f"+{decision.deadline}", uuid,
-                                    "ALLOTTED_TIMEOUT"))
+            # could have rung and used its first grant. A channel back in the socket (the
+            # dialplan passed it through again) drops the timer of its earlier call first.
+            commands += [esl.api("sched_del", uuid),
+                         esl.api("sched_hangup", f"+{decision.deadline + 1}", uuid,
+                                 "ALLOTTED_TIMEOUT")]
+            if self.channel.get("Answer-State") == "answered":
+                # Answered before the socket (an IVR): billed and supervised from now.
+                self.adapter.control.answered(uuid)
         variables = [f"{name.lower()}={value}" for name, value in decision.channel_variables()]
         commands += [esl.sendmsg_execute("set", v) for v in variables]
         if not decision.allow:

@@ -32,6 +32,7 @@ ACCOUNT_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 CHANNEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
 DIRECTIONS = ("outbound", "inbound")
 COMMIT_MODES = ("reported", "stale", "gone", "release")
+MAX_TALK_MS = 1_000_000_000  # 11.5 days, as MAX_SECONDS in common.lua
 
 
 def script_sources() -> dict[str, str]:
@@ -251,15 +252,17 @@ class Ops:
 
     def commit(self, session: str, cause: str = "", now_ms: int | None = None,
                mode: str = "reported", end_ms: int | None = None,
-               answered_ms: int | None = None) -> Call:
+               answered_ms: int | None = None, talk_ms: int | None = None) -> Call:
         """End a session; see commit.lua for the modes. `answered_ms`: it was answered then,
-        though Redis may not have been told."""
+        though Redis may not have been told; `talk_ms`: the PBX's own billed duration."""
         if mode not in COMMIT_MODES:
             raise ValueError(f"unknown commit mode {mode!r}")
+        if talk_ms is not None and not 0 <= talk_ms < MAX_TALK_MS:
+            talk_ms = None  # not a duration any PBX reports: the end time tells
         sid = SessionId.parse(session)
         return Call("commit", self.keys.session_keys(sid.account, sid.channel),
                     [_at(now_ms), sid.n, str(cause)[:32], mode, _at(end_ms), self.grace,
-                     _at(answered_ms)], _charge)
+                     _at(answered_ms), _at(talk_ms)], _charge)
 
     def release(self, session: str, now_ms: int | None = None) -> Call:
         """For a call that never started: frees its reservation and channel; an answered
@@ -270,7 +273,7 @@ class Ops:
         """Release whatever call the channel has, if it never answered: for an authorize
         whose reply never came in time (the PBX was given the failure policy instead)."""
         return Call("commit", self.keys.session_keys(account, channel),
-                    [_at(now_ms), "", "released", "release", "", self.grace, ""], _charge)
+                    [_at(now_ms), "", "released", "release", "", self.grace, "", ""], _charge)
 
     def credit(self, account: str, amount: int, entry: int) -> Call:
         """Apply the books' movement `entry` to Redis, once."""

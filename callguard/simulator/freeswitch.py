@@ -294,7 +294,11 @@ class SimulatedFreeSWITCH:
             self._tasks.pop(task, None)
             callback(*args)
 
-        handle = asyncio.get_running_loop().call_later(self.clock.real(seconds), fire)
+        # switch_scheduler_add_task: runtime = the current epoch second + N; the task
+        # thread runs it once that second has begun, so up to a second early.
+        now = self.clock.epoch_ms(self.clock.monotonic()) / 1000
+        delay = int(now) + seconds - now
+        handle = asyncio.get_running_loop().call_later(self.clock.real(delay), fire)
         self._tasks[task] = (group, handle)
         return task
 
@@ -328,6 +332,11 @@ class SimulatedFreeSWITCH:
         channel.ended_at = self.clock.monotonic()
         channel.cause, channel.state = cause, "hangup"
         self.calls.pop(channel.uuid, None)
+        if channel.socket_writer and not channel.socket_writer.is_closing():
+            # nolinger: the socket application says goodbye and closes at the hangup.
+            channel.socket_writer.write(notice(("Controlled-Session-UUID", channel.uuid),
+                                               ("Content-Disposition", "disconnect")))
+            channel.socket_writer.close()
         self.finished.append(channel)
         channel.ended.set()
         if quiet:
@@ -342,13 +351,17 @@ class SimulatedFreeSWITCH:
             "variable_billusec": str(talk_ms * 1000)})
 
     async def call(self, account: str, dest: str, ring: float = 2.0, talk: float = 30.0,
-                   variables: dict[str, str] | None = None) -> SimChannel:
-        """One call entering the dialplan's context; returns when it has ended."""
+                   variables: dict[str, str] | None = None,
+                   answered: bool = False) -> SimChannel:
+        """One call entering the dialplan's context; returns when it has ended. `answered`:
+        the caller was answered before (an IVR in front)."""
         channel = SimChannel(str(uuidlib.uuid4()), f"sofia/internal/{next(self._names)}@pbx1",
                              account, dest, {"accountcode": account, **(variables or {})},
                              created_at=self.clock.monotonic())
         self.calls[channel.uuid] = channel
         self.emit("CHANNEL_CREATE", channel)
+        if answered:
+            self.answer(channel)
         actions = self.dialplan.hunt(self.context, self._fields(channel), channel.variables)
         while actions and not channel.ended.is_set():
             app, data = actions.pop(0)
@@ -471,8 +484,6 @@ class SimulatedFreeSWITCH:
                 message = queued.pop(0)
                 if message.get("call-command") == "hangup":
                     self.hangup(channel, message.get("hangup-cause", "NORMAL_CLEARING"))
-                    if channel.socket_writer:
-                        channel.socket_writer.close()  # nolinger: FreeSWITCH says goodbye
                     return
                 app, arg = message.get("execute-app-name", ""), message.get("execute-app-arg", "")
                 extra = {"Application": app, "Application-Data": arg,

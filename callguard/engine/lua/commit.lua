@@ -1,6 +1,6 @@
 -- KEYS: acct, session, live, events
 -- ARGV: now, n ('' = the channel's current call), cause, mode, end_ms ('' = now), grace_s,
---       answered_ms ('' = as Redis knows it)
+--       answered_ms ('' = as Redis knows it), talk_ms ('' = end_ms tells)
 --   mode 'reported': the PBX reported the end (at end_ms when the caller knows it better
 --     than now, e.g. a retry after Redis was away);
 --   'stale': the PBX went silent (a sweeper), only once the session's deadline passed;
@@ -24,5 +24,5 @@ if mode == 'stale' then
   if deadline and tonumber(deadline) > now then return {'alive', 0, 0, 0} end
 end
 local cost, duration, billed = finish(acct, sess, live, events, member, now, ARGV[5], ARGV[3],
-  mode, num(ARGV[6]), ARGV[7])
+  mode, num(ARGV[6]), ARGV[7], ARGV[8])
 return {'done', cost, duration, billed}

@@ -77,9 +77,11 @@ end
 -- answered_arg: when the caller knows the call was answered but Redis was not told (the
 -- answer could not be written in time); a call allowed while the PBX was out of sight
 -- ('bl', fail_open) that nobody saw end counts as answered at setup: its short grant.
+-- talk_arg: the PBX's own billed duration (FreeSWITCH's billmsec), in ms: the call then
+-- ended that long after the answer Redis holds, whatever either clock says.
 -- Returns cost, duration, billed.
 local function finish(acct, sess, live, events, member, now, end_arg, cause, mode, grace_s,
-                      answered_arg)
+                      answered_arg, talk_arg)
   local f = redis.call('HMGET', sess, 'n', 'st', 'g', 'ge', 'hold', 'r', 'cf', 'i', 's', 'ans',
     'acct', 'ch', 'dir', 'dst', 'pfx', 'setup', 'node', 'bl')
   local ended = now
@@ -101,6 +103,9 @@ local function finish(acct, sess, live, events, member, now, end_arg, cause, mod
   end
   if f[2] == 'ans' then
     local answered, grant_end = num(f[10]), num(f[4])
+    if talk_arg ~= nil and talk_arg ~= '' and answered + tonumber(talk_arg) < now then
+      ended = answered + tonumber(talk_arg)
+    end
     local cap = grant_end
     if mode == 'reported' then cap = grant_end + grace_s * 1000 end
     if ended > cap then ended = cap end
