@@ -665,6 +665,8 @@ HOSTILE = {
     "reply-without-channel": b"Content-Type: command/reply\nReply-Text: %2BOK%0A\n\n",
     "superscript-content-length": b"Content-Type: command/reply\nContent-Length: %C2%B2\n\n",
 }
+
+
 @pytest.mark.parametrize("case", [
     "garbage", "huge-content-length", "stray-percent", "reply-without-channel",
     "superscript-content-length",
@@ -712,7 +714,8 @@ def test_outbound_server_drops_a_peer_that_stalls_mid_frame(plan, monkeypatch):
 
 def test_the_doctored_connect_reply_well_encoded_is_authorised(plan, monkeypatch):
     """Control for the tests above: the same reply without the bad escape is a call of ACCT
-    that the server authorises (sched_hangup, then the sets), and reserves for."""
+    that the server authorises (sched_del, sched_hangup, then the multiset), and reserves
+    for."""
     monkeypatch.setattr(freeswitch, "DRAIN_TIMEOUT", 0.5)
     before = snapshot(plan, ACCT)
 
@@ -722,8 +725,9 @@ def test_the_doctored_connect_reply_well_encoded_is_authorised(plan, monkeypatch
             await until(lambda: "api show channels as json" in sim.commands, "the reconcile")
             await asyncio.sleep(0.1)
             got = await hostile_peer(adapter.port, our_connect_reply())
-            assert got.startswith(b"myevents\n\napi sched_hangup +")
-            assert b"execute-app-arg: callguard_result=ALLOW\n" in got
+            assert got.startswith(b"myevents\n\napi sched_del ")
+            assert b"\napi sched_hangup +" in got
+            assert b"execute-app-name: multiset\nexecute-app-arg: callguard_result=ALLOW " in got
             assert len(adapter.supervisor.sessions) == 1
             assert snapshot(plan, ACCT)["reserved"] > before["reserved"]
 

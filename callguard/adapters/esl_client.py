@@ -94,15 +94,16 @@ class ESLClient(EventLink):
             if not future.done():
                 future.set_exception(error)
 
-    async def api(self, *words: str) -> esl.ApiResponse:
-        return await self.send(esl.api(*words))
+    async def api(self, *words: str, timeout: float | None = None) -> esl.ApiResponse:
+        return await self.send(esl.api(*words), timeout=timeout)
 
-    async def send(self, *commands: bytes, require_connected: bool = True):
+    async def send(self, *commands: bytes, require_connected: bool = True,
+                   timeout: float | None = None):
         """Write the commands in one go and return their replies (one reply for one
         command). A command left unanswered drops the link: the client reconnects."""
         writer = self._writer_for(require_connected)
         futures = [asyncio.get_running_loop().create_future() for _ in commands]
         self._pending.extend(futures)
         writer.write(b"".join(commands))
-        replies = await self._reply(writer, asyncio.gather(*futures))
+        replies = await self._reply(writer, asyncio.gather(*futures), timeout)
         return replies[0] if len(replies) == 1 else replies

@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 5.0  # FreeSWITCH answers `connect` at once; a silent peer is dropped
 DRAIN_TIMEOUT = 2.0  # after the decision: how long the commands and the goodbye may take
+LIST_TIMEOUT = 30.0  # `show channels as json`, the one command whose reply can be large
 UP = frozenset({"ACTIVE", "HELD"})  # `show channels` callstates of an answered channel
 
 # Q.850 cause -> the name FreeSWITCH's commands take (switch_channel_str2cause).
@@ -94,9 +95,11 @@ class FreeSWITCHAdapter(PBXAdapter):
         return replies is not None and replies[1].ok
 
     async def live_channels(self) -> dict[str, LiveChannel]:
-        reply = await self.esl.api("show", "channels", "as", "json")
+        # 20,000 calls make ~20 MB: FreeSWITCH may take a while, and the parse is done
+        # off the event loop, where call setups wait.
+        reply = await self.esl.api("show", "channels", "as", "json", timeout=LIST_TIMEOUT)
         try:
-            rows = json.loads(reply.body).get("rows", [])
+            rows = (await asyncio.to_thread(json.loads, reply.body)).get("rows", [])
         except (ValueError, AttributeError):
             raise ESLError(f"show channels: {reply.text[:80]!r}") from None
         return {row["uuid"]: LiveChannel(row["uuid"], row["uuid"], row.get("callstate") in UP)
@@ -181,8 +184,8 @@ class OutboundSession(SetupConnection):
                                     max_event=64 << 10, max_body=4096)
         self.channel: dict[str, str] | None = None
         self.replies = 0  # replies still expected to our commands
-        # Sets not yet run: the socket application keeps the channel parked, so nothing but
-        # our own sendmsg executes on it, in order, each ending in CHANNEL_EXECUTE_COMPLETE.
+        # Applications not yet run: the socket application keeps the channel parked, so
+        # nothing but our own sendmsg executes on it, each ending in CHANNEL_EXECUTE_COMPLETE.
         self.executing = 0
         self.done = False  # exit sent, or waiting for FreeSWITCH to hang a deny up
 
@@ -247,12 +250,15 @@ class OutboundSession(SetupConnection):
             if self.channel.get("Answer-State") == "answered":
                 # Answered before the socket (an IVR): billed and supervised from now.
                 self.adapter.control.answered(uuid)
-        variables = [f"{name.lower()}={value}" for name, value in decision.channel_variables()]
-        commands += [esl.sendmsg_execute("set", v) for v in variables]
+        # One `multiset` (space-separated; no value of ours holds a space): one application
+        # to run on the parked channel, one CHANNEL_EXECUTE_COMPLETE to wait for.
+        variables = " ".join(f"{name.lower()}={value}"
+                             for name, value in decision.channel_variables())
+        commands.append(esl.sendmsg_execute("multiset", variables))
         if not decision.allow:
             commands.append(esl.sendmsg_hangup(cause_name(HANGUP_CAUSE[decision.reason])))
         else:
-            self.executing = len(variables)
+            self.executing = 1
         self.replies += len(commands)
         self.done = not decision.allow  # a deny: FreeSWITCH hangs up and closes
         self.transport.write(b"".join(commands))

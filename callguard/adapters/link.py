@@ -101,17 +101,19 @@ class EventLink:
             raise self.error(f"{self.protocol} not connected")
         return self._writer
 
-    async def _reply(self, writer: asyncio.StreamWriter, waiting: Awaitable):
+    async def _reply(self, writer: asyncio.StreamWriter, waiting: Awaitable,
+                     timeout: float | None = None):
         """What `waiting` gives within the timeout; else the link is dropped (the reader
         sees the end and the session reconnects)."""
+        timeout = timeout or self.timeout
         try:
-            return await asyncio.wait_for(waiting, self.timeout)
+            return await asyncio.wait_for(waiting, timeout)
         except TimeoutError:
             if writer is self._writer:
                 log.warning("%s %s:%s: no reply within %.1f s; dropping the link",
-                            self.protocol, self.host, self.port, self.timeout)
+                            self.protocol, self.host, self.port, timeout)
                 writer.transport.abort()
-            raise self.error(f"no reply within {self.timeout} s") from None
+            raise self.error(f"no reply within {timeout} s") from None
 
     # -- the protocol's part -----------------------------------------------------------
     async def _login(self) -> None:

@@ -12,8 +12,9 @@ tests/test_freeswitch_sim.py). It is strict: whatever a real FreeSWITCH would
 reject or ignore is recorded in `violations`, and the tests fail on any.
 
 Not in the transcripts, modelled on FreeSWITCH's source: `uuid_dump <uuid> json`
-(the channel's headers as JSON), the park loop's 20 ms tick that runs queued
-`sendmsg` commands in async mode, and sched_hangup's whole seconds.
+(the channel's headers as JSON), the `multiset` application (mod_dptools), the
+park loop's 20 ms tick that runs queued `sendmsg` commands in async mode, and the
+scheduler's whole seconds.
 """
 
 from __future__ import annotations
@@ -489,9 +490,15 @@ class SimulatedFreeSWITCH:
                 extra = {"Application": app, "Application-Data": arg,
                          "Application-UUID": str(uuidlib.uuid4())}
                 self.emit("CHANNEL_EXECUTE", channel, **extra)
-                if app == "set":
-                    name, _, value = arg.partition("=")
-                    channel.variables[name] = value
+                if app in ("set", "multiset"):
+                    # multiset: space-separated, or "^^X" then X-separated (mod_dptools)
+                    if app == "multiset" and arg.startswith("^^") and len(arg) > 2:
+                        pairs = arg[3:].split(arg[2])
+                    else:
+                        pairs = arg.split(" ") if app == "multiset" else [arg]
+                    for pair in pairs:
+                        name, _, value = pair.partition("=")
+                        channel.variables[name] = value
                 else:
                     self.violations.append(f"outbound: execute {app!r} not simulated")
                 self.emit("CHANNEL_EXECUTE_COMPLETE", channel, **extra,
