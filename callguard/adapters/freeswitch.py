@@ -221,8 +221,6 @@ class OutboundSession(SetupConnection):
                     self.transport.abort()
                     return
                 self.channel = message
-                self.transport.write(esl.command("myevents"))
-                self.replies = 1
                 self.task = asyncio.ensure_future(self._decide())
                 return
             self.replies -= 1
@@ -239,7 +237,7 @@ class OutboundSession(SetupConnection):
         if self.transport.is_closing():
             return
         uuid = self.channel.get("Unique-ID")
-        commands = []
+        commands = [esl.command("myevents")]  # to see the multiset run: sent with it
         if decision.allow:
             # The PBX's own limit from the start: if we vanish, the call still ends once it
             # could have rung and used its first grant. A channel back in the socket (the
@@ -271,7 +269,9 @@ class OutboundSession(SetupConnection):
                 or not self.task.done():
             return
         self.done = True
+        # FreeSWITCH's goodbye (+OK bye, a notice) tells nothing more: close at once.
         self.transport.write(esl.command("exit"))
+        self.transport.close()
 
     def eof_received(self) -> bool:
         self.transport.close()
