@@ -205,6 +205,7 @@ class CallControl:
         now = self.clock.monotonic()
         self.supervisor.track(decision.session, channel_id, channel,
                               now + deadline + s.grace_seconds)
+        self._wake.set()  # its expiry is a timer: the loop may be asleep with none
         ended = self._ended.pop(channel_id, None)
         if ended:
             self.hung_up(channel_id, *ended)  # while Redis decided

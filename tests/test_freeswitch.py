@@ -439,3 +439,28 @@ def test_a_caller_who_gives_up_while_redis_decides_holds_nothing(plan):
     after = run(scenario())
     assert snapshot(plan, ACCT)["reserved"] == 0
     assert after.allowed, after.variables  # the channel cap of 1 is free again
+
+
+def test_a_call_that_never_answers_nor_ends_is_released_at_its_expiry(plan):
+    """Nothing else going on (no answer, no extend): the ringing call's own expiry timer
+    must still fire, not wait for the sweeper (kept out of the way here)."""
+    prepaid(plan, ACCT, balance=50_000_000)
+
+    async def scenario():
+        async with fs_rig(plan, speed=20, ring_seconds=2, stale_grace_seconds=3600) as (
+                sim, [adapter]):
+            await until(lambda: "api show channels as json" in sim.commands, "the reconcile")
+            await asyncio.sleep(0.1)  # the timer loop is asleep with no timer at all
+            task = asyncio.ensure_future(sim.call(ACCT, PREMIUM, ring=3600, talk=1))
+            await until(lambda: adapter.supervisor.sessions, "the call authorised")
+            sim.blackhole_esl()  # its hangup event will never come
+            await until(lambda: not adapter.supervisor.sessions, "the expiry", timeout=15)
+            released = snapshot(plan, ACCT)
+            sim.restore_esl()
+            for channel in list(sim.calls.values()):  # unless its sched_hangup came first
+                sim.hangup(channel, "NORMAL_CLEARING")
+            await task
+            return released
+
+    released = run(scenario())
+    assert (released["reserved"], released["channels"]) == (0, 0)
