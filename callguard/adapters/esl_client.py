@@ -105,5 +105,8 @@ class ESLClient(EventLink):
         futures = [asyncio.get_running_loop().create_future() for _ in commands]
         self._pending.extend(futures)
         writer.write(b"".join(commands))
-        replies = await self._reply(writer, asyncio.gather(*futures), timeout)
+        waiting = asyncio.gather(*futures)
+        # After a timeout the link drops and fails these futures: nobody reads that.
+        waiting.add_done_callback(lambda done: done.cancelled() or done.exception())
+        replies = await self._reply(writer, waiting, timeout)
         return replies[0] if len(replies) == 1 else replies

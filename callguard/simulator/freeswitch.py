@@ -382,9 +382,11 @@ class SimulatedFreeSWITCH:
                                              channel.variables)
             elif app == "bridge":
                 channel.bridged = True
-                await self.clock.sleep(ring)
-                if channel.ended.is_set():
+                try:  # the far end rings, unless the call ends first
+                    await asyncio.wait_for(channel.ended.wait(), self.clock.real(ring))
                     break
+                except TimeoutError:
+                    pass
                 self.answer(channel)
                 channel.talk = asyncio.get_running_loop().call_later(
                     self.clock.real(talk), self.hangup, channel, "NORMAL_CLEARING")
