@@ -3,7 +3,8 @@
 * `BenchEnv`: a fresh callguard installation on a throwaway Redis key prefix and a
   throwaway SQLite file under a temp dir (keys and files removed at the end), with a
   rate plan and N prepaid accounts set up the way the CLI does it.
-* `ServeProcess`: `callguard serve asterisk` as a subprocess of that installation.
+* `ServeProcess`: `callguard serve asterisk` as a subprocess of that installation
+  (`serve_freeswitch` for `callguard serve freeswitch`).
 * Process and machine meters (/proc), percentiles, a result table and a JSON line.
 
 Nothing here asserts on timings: the scripts print figures, people judge them.
@@ -362,6 +363,81 @@ class ThreadedAsterisk:
                         except ConnectionError:
                             pass
             return len(calls)
+
+        return self._call(send(), timeout=None)
+
+    def stop(self) -> None:
+        try:
+            self._call(self.sim.stop(), timeout=10)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(10)
+            self.loop.close()
+
+
+def serve_freeswitch(env: BenchEnv, port: int, esl_url: str | None = None,
+                     cpu: int | None = None, **extra_env) -> Subprocess:
+    """`callguard serve freeswitch` for this installation, outbound ESL on 127.0.0.1:port,
+    with its own node identity. Without `esl_url` it denies every call (fail_closed)."""
+    e = env.env(CALLGUARD_ESL_BIND=f"127.0.0.1:{port}", CALLGUARD_ESL_URL=esl_url,
+                CALLGUARD_NODE=f"{env.settings.node}-serve-fs-{port}", **extra_env)
+    return Subprocess(callguard_argv("serve", "freeswitch"), e,
+                      env.tmp / f"serve-fs-{port}.log", port, cpu=cpu)
+
+
+class ThreadedFreeSWITCH:
+    """The simulated FreeSWITCH's inbound ESL server on its own event loop in a thread
+    (ThreadedAsterisk's counterpart): auth, `event plain`, `api status`, `show channels
+    as json`, sched_hangup / sched_del / uuid_kill, answered as the simulator does, while
+    this process's own loop is busy. `send_events` writes ready-made event frames (the
+    CHANNEL_HANGUP_COMPLETE of calls a load generator placed) to every listener."""
+
+    def __init__(self, sim=None):
+        import asyncio
+        import threading
+
+        from callguard.simulator.freeswitch import SimulatedFreeSWITCH
+
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="esl-peer",
+                                       daemon=True)
+        self.thread.start()
+        self.sim = sim or SimulatedFreeSWITCH(outbound_port=0)
+        self._call(self.sim.start())
+
+    def _call(self, coro, timeout: float | None = 30.0):
+        import asyncio
+
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    @property
+    def esl_url(self) -> str:
+        return self.sim.esl_url
+
+    def logged_in(self) -> int:
+        """Inbound ESL sessions subscribed to events."""
+        return len(self.sim._listeners)
+
+    def commands(self, prefix: str) -> int:
+        """Inbound commands received that start with `prefix` ("api show channels")."""
+        return sum(1 for c in list(self.sim.commands) if c.startswith(prefix))
+
+    def send_events(self, frames) -> int:
+        """Write event frames (bytes) to every event listener, 1,000 at a time, draining
+        between; returns how many."""
+        frames = list(frames)
+
+        async def send():
+            for start in range(0, len(frames), 1000):
+                data = b"".join(frames[start:start + 1000])
+                for writer in list(self.sim._listeners):
+                    if not writer.is_closing():
+                        writer.write(data)
+                        try:
+                            await writer.drain()
+                        except ConnectionError:
+                            pass
+            return len(frames)
 
         return self._call(send(), timeout=None)
 

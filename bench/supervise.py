@@ -1,4 +1,5 @@
-"""N concurrent supervised calls through one `callguard serve asterisk` process.
+"""N concurrent supervised calls through one `callguard serve asterisk` process
+(or `serve freeswitch`, --pbx freeswitch).
 
 The serve process runs as a subprocess; the simulated Asterisk (FastAGI client,
 AMI server: callguard/simulator/asterisk.py) runs in this process. Calls are
@@ -19,8 +20,21 @@ Measured on the serve process:
 At the end all calls hang up (AMI Hangup events) and the script waits until
 Redis shows no reserved money and no channels: every session was committed.
 
+With --pbx freeswitch the serve process is `serve freeswitch` and the PBX a simulated
+FreeSWITCH (callguard/simulator/freeswitch.py) in this process, with changes for
+scale only (BenchFreeSWITCH): the shipped dialplan's steps run directly instead of
+through the XML interpreter, its frames come from pre-split templates, the
+scheduler finds a channel's tasks in O(1). Each call runs the real `socket`
+exchange (park loop tick included), is answered after --ring and kept up; callguard
+pushes each new deadline with `sched_del` + `sched_hangup +N` over inbound ESL.
+Lateness: push k (k >= 1 after the one at answer) is due when slice k ends less the
+lead, at answer + k * quota - lead (the grants run from the answer in whole
+quotas); lateness is its arrival minus that. The simulator really runs each
+sched_hangup: a call cut off by ALLOTTED_TIMEOUT is counted.
+
 Examples:
   .venv/bin/python bench/supervise.py                  # 20,000 calls, 60 s quota, 150 s
+  .venv/bin/python bench/supervise.py --pbx freeswitch --calls 20000
   .venv/bin/python bench/supervise.py --calls 5000 --duration 130
   .venv/bin/python bench/supervise.py --quick          # 1,000 calls, 10 s quota, ~30 s
 """
@@ -35,6 +49,7 @@ import math
 import os
 import sys
 import time
+import uuid as uuidlib
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -55,7 +70,9 @@ from common import (  # noqa: E402
 )
 
 from callguard.config import Settings  # noqa: E402
+from callguard.protocol import esl  # noqa: E402
 from callguard.simulator.asterisk import SimCall, SimulatedAsterisk  # noqa: E402
+from callguard.simulator.freeswitch import SimChannel, SimulatedFreeSWITCH  # noqa: E402
 
 
 class BenchAsterisk(SimulatedAsterisk):
@@ -124,7 +141,7 @@ async def place_calls(sim: BenchAsterisk, accounts: list[str], n: int, rate: flo
     return tasks
 
 
-async def hang_up_all(sim: BenchAsterisk, rate: float) -> None:
+async def hang_up_all(sim: BenchAsterisk, rate: float, cause=16) -> None:
     calls = list(sim.calls.values())
     t0 = time.perf_counter()
     i = 0
@@ -135,7 +152,7 @@ async def hang_up_all(sim: BenchAsterisk, rate: float) -> None:
             await asyncio.sleep(max(due - now, 0.001))
             continue
         while i < len(calls) and t0 + i / rate <= now:
-            sim.hangup(calls[i], 16)
+            sim.hangup(calls[i], cause)
             i += 1
 
 
@@ -291,6 +308,317 @@ async def scenario(args, env: BenchEnv) -> dict:
     return result
 
 
+# -- FreeSWITCH ------------------------------------------------------------------------------
+
+class BenchFreeSWITCH(SimulatedFreeSWITCH):
+    """The simulator, with changes for scale and measurement only: the shipped dialplan's
+    steps run directly (unset callguard_result, set callguard_direction, socket, then the
+    callguard_checked hunt: hang up without ALLOW, else bridge), frames are built from
+    esl_load's pre-split templates (checked byte for byte against the simulator's), a
+    frame nobody listens to is not built, a channel's scheduler tasks are found in O(1)
+    (the simulator scans them all on each sched_del and hangup, quadratic at 20,000
+    calls), and each sched_hangup received over inbound ESL is recorded."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        from esl_load import FrameTemplates
+
+        self.commands = collections.deque(maxlen=1000)  # not every command for ever
+        self.templates = FrameTemplates(self)
+        self.templates.check()
+        self.pushes: dict[str, list[tuple[float, int]]] = {}  # uuid -> (arrived, +N)
+        self.api_counts: collections.Counter = collections.Counter()
+        self._by_group: dict[str, set[int]] = {}
+        self._outbound_api = False
+
+    # the dialplan, without the interpreter
+    async def call(self, account: str, dest: str, ring: float = 2.0, talk: float = 30.0,
+                   variables: dict[str, str] | None = None) -> SimChannel:
+        channel = SimChannel(str(uuidlib.uuid4()), f"sofia/internal/{next(self._names)}@pbx1",
+                             account, dest, {"accountcode": account, **(variables or {})},
+                             created_at=self.clock.monotonic())
+        self.calls[channel.uuid] = channel
+        self.emit("CHANNEL_CREATE", channel)
+        channel.variables.pop("callguard_result", None)
+        channel.variables["callguard_direction"] = "outbound"
+        await self._socket(channel, "127.0.0.1:8084 async full")
+        if not channel.ended.is_set():
+            if channel.variables.get("callguard_result") != "ALLOW":
+                self.hangup(channel, "NORMAL_TEMPORARY_FAILURE")
+            else:
+                channel.bridged = True
+                await self.clock.sleep(ring)
+                if not channel.ended.is_set():
+                    self.answer(channel)
+                    channel.talk = asyncio.get_running_loop().call_later(
+                        self.clock.real(talk), self.hangup, channel, "NORMAL_CLEARING")
+                    await channel.ended.wait()
+        self.hangup(channel, "NORMAL_CLEARING")
+        return channel
+
+    # frames
+    _SLOTS = {"Application": "app", "Application-Data": "arg", "Application-UUID": "auuid"}
+
+    def emit(self, kind: str, channel: SimChannel, **extra: str) -> None:
+        to_socket = (channel.myevents and channel.socket_writer is not None
+                     and not channel.socket_writer.is_closing())
+        listeners = [] if self.blackholed else [
+            w for w, names in self._listeners.items() if kind in names and not w.is_closing()]
+        if not to_socket and not listeners:
+            return
+        if kind in ("CHANNEL_PARK", "CHANNEL_EXECUTE", "CHANNEL_EXECUTE_COMPLETE",
+                    "CHANNEL_ANSWER"):
+            values = self.templates.values(channel)
+            values.update({slot: esl_enc(extra.get(name, "")) for name, slot in
+                           self._SLOTS.items()})
+            data = self.templates.event(kind, values)
+        elif kind == "CHANNEL_HANGUP_COMPLETE":
+            data = self.templates.hangup_complete(channel, extra.get("Hangup-Cause",
+                                                                     channel.cause))
+        else:
+            data = esl.event_frame(self.headers(kind, channel, **extra))
+        if to_socket:
+            channel.socket_writer.write(data)
+        for writer in listeners:
+            writer.write(data)
+
+    def _connect_reply(self, channel: SimChannel, mode: list[str]) -> bytes:
+        if mode != ["async", "full"]:
+            return super()._connect_reply(channel, mode)
+        return self.templates.fill("connect", self.templates.values(channel))
+
+    # the scheduler, indexed by group
+    def _schedule(self, group: str, seconds: int, callback, *args) -> int:
+        task = next(self._task_ids)
+
+        def fire():
+            self._tasks.pop(task, None)
+            self._by_group.get(group, set()).discard(task)
+            callback(*args)
+
+        handle = asyncio.get_running_loop().call_later(self.clock.real(seconds), fire)
+        self._tasks[task] = (group, handle)
+        self._by_group.setdefault(group, set()).add(task)
+        return task
+
+    def _cancel_group(self, group: str) -> int:
+        doomed = self._by_group.pop(group, set())
+        for task in doomed:
+            entry = self._tasks.pop(task, None)
+            if entry:
+                entry[1].cancel()
+        return len(doomed)
+
+    def _outbound_command(self, channel, command, writer, queued) -> bool:
+        self._outbound_api = True
+        try:
+            return super()._outbound_command(channel, command, writer, queued)
+        finally:
+            self._outbound_api = False
+
+    def api(self, line: str) -> str:
+        name, *args = line.split(" ")
+        self.api_counts[name] += 1
+        if name == "sched_hangup" and len(args) >= 2 and not self._outbound_api:
+            seconds = args[0][1:] if args[0].startswith("+") else ""
+            self.pushes.setdefault(args[1], []).append(
+                (self.clock.monotonic(), int(seconds) if seconds.isdigit() else -1))
+        if name == "sched_del" and len(args) == 1 and not args[0].isdigit():
+            return f"+OK Deleted: {self._cancel_group(args[0])}\n"
+        return super().api(line)
+
+    def hangup(self, channel: SimChannel, cause: str, quiet: bool = False) -> None:
+        """SimulatedFreeSWITCH.hangup, with the channel's tasks found in the index."""
+        if channel.ended.is_set():
+            return
+        if channel.talk:
+            channel.talk.cancel()
+        self._cancel_group(channel.uuid)
+        channel.ended_at = self.clock.monotonic()
+        channel.cause, channel.state = cause, "hangup"
+        self.calls.pop(channel.uuid, None)
+        self.finished.append(channel)
+        channel.ended.set()
+        if not quiet:
+            self.emit("CHANNEL_HANGUP_COMPLETE", channel, **{"Hangup-Cause": cause})
+
+
+def esl_enc(value: str) -> bytes:
+    from esl_load import enc
+
+    return enc(value)
+
+
+def fs_lateness(sim: BenchFreeSWITCH, quota: int, lead: float, grace: float) -> dict:
+    """Each inbound sched_hangup against when it was due (see the module docstring)."""
+    late, first, margins, mismatched = [], [], [], 0
+    channels = {c.uuid: c for c in sim.finished}
+    channels.update(sim.calls)
+    for uuid, pushes in sim.pushes.items():
+        channel = channels.get(uuid)
+        if channel is None or channel.answered_at is None:
+            continue
+        answered = channel.answered_at
+        first.append(pushes[0][0] - answered)
+        for k, (arrived, seconds) in enumerate(pushes):
+            grant_end = answered + (k + 1) * quota  # the slice this push covers
+            if k:
+                late.append(arrived - (answered + k * quota - lead))
+            # The dead man's switch: FreeSWITCH's own hangup, beyond the grant's end.
+            margins.append(arrived + seconds - grant_end)
+            if not grace - 0.05 <= arrived + seconds - grant_end < grace + 1.05:
+                mismatched += 1
+    return {"late": late, "first": first, "margins": margins, "mismatched": mismatched}
+
+
+async def scenario_fs(args, env: BenchEnv) -> dict:
+    grace = Settings().grace_seconds
+    lead = min(5.0, args.quota / 2)
+    sim = BenchFreeSWITCH(outbound_port=0)
+    await sim.start()
+    port = free_port()
+    server = common.serve_freeswitch(env, port, esl_url=sim.esl_url, **common.server_env(args))
+    await asyncio.to_thread(server.start)
+    sim.outbound_port = port
+    result: dict = {}
+    try:
+        pid = server.pid
+        rpid = common.redis_pid(args.redis_url)
+        await wait_for(lambda: sim.api_counts["show"] > 0, 30,
+                       "the serve process to log in to ESL and reconcile")
+
+        warm = await place_calls(sim, env.accounts, args.warmup_calls, 200, 0.2, 0.5)
+        await asyncio.gather(*warm)
+        await wait_for(lambda: env.redis_totals()["channels"] == 0, 30, "warm-up commits")
+        sim.pushes.clear()
+        warm_finished = len(sim.finished)
+
+        meter = CpuMeter({"serve": pid, "redis": rpid}).start()
+        await asyncio.sleep(args.idle)
+        idle = meter.stop()
+        rss_before = proc_status(pid)
+        print(f"# idle {args.idle:g} s: serve CPU {idle['serve']:.4f} core, "
+              f"RSS {rss_before['VmRSS'] / 1024:.1f} MB; other load {idle['other']:.2f} core",
+              flush=True)
+
+        if not args.bench_gc:
+            gc.collect()
+            gc.freeze()
+            gc.disable()
+
+        talk = args.duration + args.calls / args.ramp + 600
+        t_ramp = time.monotonic()
+        ramp_meter = CpuMeter({"serve": pid, "redis": rpid, "bench": os.getpid()}).start()
+        ramp_lag = LoopLag().start()
+        tasks = await place_calls(sim, env.accounts, args.calls, args.ramp, args.ring, talk)
+        placed = time.monotonic() - t_ramp
+
+        def pushed() -> int:
+            return len(sim.pushes)
+
+        try:
+            await wait_for(lambda: pushed() + len(sim.finished) - warm_finished >= args.calls,
+                           60 + args.calls / args.ramp, "every call's first sched_hangup")
+        except TimeoutError as exc:
+            print(f"# {exc}: {pushed()} of {args.calls}", flush=True)
+        ramp_s = time.monotonic() - t_ramp
+        ramp_cpu = ramp_meter.stop()
+        ramp_lag_ms = ramp_lag.stop()
+        setup = [c.setup_latency for c in sim.calls.values()]
+        denied = [c for c in sim.finished[warm_finished:] if not c.allowed]
+        reasons = collections.Counter(c.reason or "no_result" for c in denied)
+        up = len(sim.calls)
+        rss_up = proc_status(pid)
+        print(f"# ramp: {args.calls} calls placed in {placed:.1f} s, {up} up and "
+              f"{pushed()} supervised after {ramp_s:.1f} s; denied {len(denied)} "
+              f"{dict(reasons) if reasons else ''}; serve CPU {ramp_cpu['serve']:.2f}, "
+              f"bench CPU {ramp_cpu['bench']:.2f}, bench loop lag p99 "
+              f"{ramp_lag_ms['p99']:.1f} max {ramp_lag_ms['max']:.1f} ms; "
+              f"RSS {rss_up['VmRSS'] / 1024:.1f} MB", flush=True)
+
+        series = []
+        meter = CpuMeter({"serve": pid, "redis": rpid, "bench": os.getpid()}).start()
+        steady_lag = LoopLag().start()
+        prev, t_prev = proc_cpu_seconds(pid), time.monotonic()
+        t_end = t_prev + args.duration
+        while time.monotonic() < t_end:
+            await asyncio.sleep(min(1.0, max(0.0, t_end - time.monotonic())))
+            cur, t_cur = proc_cpu_seconds(pid), time.monotonic()
+            series.append((cur - prev) / max(t_cur - t_prev, 1e-9))
+            prev, t_prev = cur, t_cur
+        steady = meter.stop()
+        steady_lag_ms = steady_lag.stop()
+        rss_after = proc_status(pid)
+        still_up = len(sim.calls)
+        cut_off = sum(1 for c in sim.finished[warm_finished:] if c.killed)
+        lat = fs_lateness(sim, args.quota, lead, grace)
+        late_ms = summarize([x * 1000 for x in lat["late"]])
+        early = sum(1 for x in lat["late"] if x < -0.05)
+        counts = dict(sim.api_counts)
+
+        t_hang = time.monotonic()
+        await hang_up_all(sim, args.ramp * 2, "NORMAL_CLEARING")
+        try:
+            drained = await wait_for(lambda: env.redis_totals()["channels"] == 0, 120,
+                                     "every session to be committed")
+        except TimeoutError as exc:
+            drained = float("nan")
+            print(f"# {exc}", flush=True)
+        totals = env.redis_totals()
+        hang_s = time.monotonic() - t_hang
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+        per_session = (rss_up["VmRSS"] - rss_before["VmRSS"]) * 1024 / max(up, 1)
+        result = {
+            "pbx": "freeswitch",
+            "calls": args.calls, "quota": args.quota, "duration": args.duration,
+            "ramp": args.ramp, "accounts": len(env.accounts), "lead": lead, "grace": grace,
+            "up": up, "still_up_at_end": still_up, "denied": len(denied),
+            "deny_reasons": dict(reasons), "cut_off_by_sched_hangup": cut_off,
+            "setup_ms": {k: v * 1000 if k != "n" else v for k, v in summarize(setup).items()},
+            "idle_cpu": idle["serve"], "idle_other": idle["other"],
+            "ramp_cpu": ramp_cpu["serve"], "ramp_seconds": ramp_s,
+            "ramp_bench_cpu": ramp_cpu["bench"], "ramp_bench_loop_lag_ms": ramp_lag_ms,
+            "steady_bench_cpu": steady["bench"], "steady_bench_loop_lag_ms": steady_lag_ms,
+            "steady_cpu": steady["serve"], "steady_cpu_peak_1s": max(series or [0.0]),
+            "steady_cpu_p90_1s": common.percentile(series, 90),
+            "steady_redis_cpu": steady.get("redis", float("nan")),
+            "steady_other": steady["other"], "steady_wall": steady["wall"],
+            "rss_before_mb": rss_before["VmRSS"] / 1024, "rss_up_mb": rss_up["VmRSS"] / 1024,
+            "rss_after_mb": rss_after["VmRSS"] / 1024, "rss_peak_mb": rss_after["VmHWM"] / 1024,
+            "bytes_per_session": per_session, "threads": rss_after["Threads"],
+            "extends_measured": len(lat["late"]),
+            "channels_with_one_push": sum(1 for p in sim.pushes.values() if len(p) == 1),
+            "lateness_ms": late_ms, "early_pushes": early,
+            "answer_to_first_push_ms": {k: v * 1000 if k != "n" else v
+                                        for k, v in summarize(lat["first"]).items()},
+            "deadline_margin_s": {k: v for k, v in summarize(lat["margins"]).items()},
+            "deadline_margin_outside_grace": lat["mismatched"],
+            "deadline_margin_min": min(lat["margins"], default=float("nan")),
+            "esl_api": counts, "commit_drain_s": drained, "hangup_phase_s": hang_s,
+            "redis_after": totals, "violations": sim.violations[:10],
+            "server_log_tail": [line for line in server.log_tail(40).splitlines()
+                                if not line.startswith("GCPROBE")][-5:],
+        }
+    finally:
+        server.stop()
+        await sim.stop()
+        gc.enable()
+        gc.unfreeze()
+    if args.gc_probe:
+        result["server_gc"] = common.gcprobe_summary(server.log_path)
+    return result
+
+
+def report_fs(r: dict) -> None:
+    first, margin = r["answer_to_first_push_ms"], r["deadline_margin_s"]
+    print(f"# FreeSWITCH: answer -> first sched_hangup median {first['median']:.1f} / p99 "
+          f"{first['p99']:.1f} ms; FreeSWITCH's own hangup after the grant's end: median "
+          f"{margin['median']:.2f} s, min {r['deadline_margin_min']:.2f} s, max "
+          f"{margin['max']:.2f} s ({r['deadline_margin_outside_grace']} outside [grace, "
+          f"grace + 1 s)); calls cut off by a sched_hangup: {r['cut_off_by_sched_hangup']}")
+
+
 def report(r: dict) -> None:
     rows = [
         {"metric": "calls up (of N)", "value": f"{r['up']:,} of {r['calls']:,}"},
@@ -317,7 +645,8 @@ def report(r: dict) -> None:
          "value": f"{r['lateness_ms']['median']:.1f} / {r['lateness_ms']['p99']:.1f} / "
                   f"{r['lateness_ms']['max']:.1f}"},
         {"metric": "early pushes (< -50 ms)", "value": f"{r['early_pushes']}"},
-        {"metric": "AMI actions received", "value": str(r["ami_actions"])},
+        {"metric": "AMI actions received" if "ami_actions" in r else "ESL api commands received",
+         "value": str(r.get("ami_actions", r.get("esl_api")))},
         {"metric": "all committed after hangup (s)", "value": f"{r['commit_drain_s']:.1f}"},
         {"metric": "Redis after (reserved/channels/live)",
          "value": f"{r['redis_after']['reserved']} / {r['redis_after']['channels']} / "
@@ -337,6 +666,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pbx", choices=("asterisk", "freeswitch"), default="asterisk",
+                        help="serve asterisk + simulated Asterisk (default), or serve "
+                             "freeswitch + simulated FreeSWITCH")
     parser.add_argument("--calls", type=int, default=20000, help="concurrent calls (20000)")
     parser.add_argument("--quota", type=int, default=60, help="quota seconds (60)")
     parser.add_argument("--duration", type=float, default=150.0,
@@ -373,9 +705,13 @@ def main() -> int:
         env.setup(accounts=math.ceil(args.calls / args.per_account))
         print(f"# {len(env.accounts)} accounts set up in {time.perf_counter() - t:.1f} s "
               f"(prefix {env.prefix})", flush=True)
-        result = asyncio.run(scenario(args, env))
+        result = asyncio.run(scenario(args, env) if args.pbx == "asterisk"
+                             else scenario_fs(args, env))
         report(result)
-        emit_json({"bench": "supervise", "machine": info, **result}, args.json_out)
+        if args.pbx == "freeswitch":
+            report_fs(result)
+        emit_json({"bench": "supervise", "pbx": args.pbx, "machine": info,
+                   "server_env": args.server_env, **result}, args.json_out)
     finally:
         deleted = env.cleanup()
         print(f"# cleaned up {deleted} Redis key(s)")
