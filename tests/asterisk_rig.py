@@ -22,22 +22,32 @@ async def rig(app: App, speed: float = 1.0, ami: bool = True, nodes=("node-a",),
     """A simulated Asterisk and N `serve asterisk` adapters sharing one clock."""
     clock = clock or Clock(speed)
     sim = SimulatedAsterisk(agi_port=0, clock=clock, timestamp_events=timestamp_events)
+    async with pbx_rig(app, sim, AsteriskAdapter, "ami_url" if ami else None, "agi_port",
+                       nodes, clock, ami_timing, settings) as adapters:
+        yield sim, adapters
+
+
+@contextlib.asynccontextmanager
+async def pbx_rig(app: App, sim, adapter_class, url_setting, port_attr, nodes, clock, timing,
+                  settings):
+    """`sim` started, N adapters of `adapter_class` on it (event link from the sim's
+    `url_setting`, none if None), the sim's call setups pointed at the first one."""
     await sim.start()
     adapters = []
     settings.setdefault("agi_budget_ms", 2000)  # a loaded CI box is slow, not down
     for node in nodes:
-        s = dataclasses.replace(app.settings, ami_url=sim.ami_url if ami else None, node=node,
-                                **settings)
-        adapter = AsteriskAdapter(app_with(app, s), clock)
-        if ami_timing and adapter.ami:  # (keepalive, action timeout), wall seconds
-            adapter.ami.keepalive, adapter.ami.timeout = ami_timing
+        link = {url_setting: getattr(sim, url_setting)} if url_setting else {}
+        s = dataclasses.replace(app.settings, node=node, **link, **settings)
+        adapter = adapter_class(app_with(app, s), clock)
+        if timing and adapter.link:  # (keepalive, command timeout), wall seconds
+            adapter.link.keepalive, adapter.link.timeout = timing
         await adapter.start("127.0.0.1", 0)
         adapters.append(adapter)
-    sim.agi_port = adapters[0].port
-    if ami:
-        await asyncio.gather(*(asyncio.wait_for(a.ami.connected.wait(), 5) for a in adapters))
+    setattr(sim, port_attr, adapters[0].port)
+    if url_setting:
+        await asyncio.gather(*(asyncio.wait_for(a.link.connected.wait(), 5) for a in adapters))
     try:
-        yield sim, adapters
+        yield adapters
     finally:
         await settle(adapters, lambda: sim.calls)
         for adapter in adapters:

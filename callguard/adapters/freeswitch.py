@@ -6,7 +6,8 @@ Billing follows the leg that was authorised (the one that ran `socket`): its
 CHANNEL_ANSWER starts the clock and its CHANNEL_HANGUP_COMPLETE commits with
 FreeSWITCH's own `billmsec` for that leg. `bridge` answers that leg when the far
 end answers, so this is the talk time; a dialplan that answers the caller
-itself before bridging (an IVR) is billed from that answer.
+itself before bridging (an IVR) is billed from that answer, or from the
+authorization when it came before `socket`.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from .esl_client import ESLClient, ESLError
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 5.0  # FreeSWITCH answers `connect` at once; a silent peer is dropped
-DRAIN_TIMEOUT = 2.0  # after the decision: how long the commands and the goodbye may take
+DRAIN_TIMEOUT = 2.0  # after the decision: how long FreeSWITCH may take to run our commands
 LIST_TIMEOUT = 30.0  # `show channels as json`, the one command whose reply can be large
 UP = frozenset({"ACTIVE", "HELD"})  # `show channels` callstates of an answered channel
 
