@@ -90,6 +90,41 @@ class Stats:
         self.last_done = max(self.last_done, now)
 
 
+async def finish_run(stats: Stats, pending_tasks: set, rate: float, duration: float,
+                     total: int, t0: float, wall0: float, schedule_end: float,
+                     cpu0: float) -> dict:
+    """Drain a run (wait for the calls under way, then give up on the stragglers) and
+    sum it up; the same for every generator of these benchmarks."""
+    deadline = schedule_end + DRAIN_TIMEOUT
+    while (stats.outstanding or pending_tasks) and time.perf_counter() < deadline:
+        await asyncio.sleep(0.01)
+    for proto in list(stats.outstanding):
+        proto.abort()
+    for task in list(pending_tasks):
+        task.cancel()
+    if pending_tasks:
+        await asyncio.wait(pending_tasks, timeout=2)
+        stats.errors["timeout"] += sum(1 for t in pending_tasks if t.cancelled())
+    wall = time.perf_counter() - wall0
+    span = max(stats.last_done - t0, 1e-9)
+    lat = summarize(stats.latency)
+    sched = summarize(stats.from_schedule)
+    lag = summarize(stats.lag)
+    errors = sum(stats.errors.values())
+    return {
+        "rate": rate, "duration": duration, "sent": total, "ok": stats.ok,
+        "errors": errors, "error_kinds": dict(stats.errors.most_common(6)),
+        "achieved": stats.ok / span,
+        "schedule_span": schedule_end - t0,
+        "lat_med_ms": lat["median"] * 1e3, "lat_p90_ms": lat["p90"] * 1e3,
+        "lat_p99_ms": lat["p99"] * 1e3, "lat_p999_ms": lat["p999"] * 1e3,
+        "lat_max_ms": lat["max"] * 1e3,
+        "sched_p99_ms": sched["p99"] * 1e3, "sched_max_ms": sched["max"] * 1e3,
+        "lag_p99_ms": lag["p99"] * 1e3, "lag_max_ms": lag["max"] * 1e3,
+        "gen_cpu": (gen_cpu() - cpu0) / wall,
+    }
+
+
 class AGICall(asyncio.Protocol):
     """One FastAGI session, client side, as res_agi runs it."""
 
@@ -244,35 +279,8 @@ class Generator:
                 task.add_done_callback(pending_tasks.discard)
                 i += 1
         schedule_end = time.perf_counter()
-        # Drain: wait for the calls under way, then give up on the stragglers.
-        deadline = schedule_end + DRAIN_TIMEOUT
-        while (stats.outstanding or pending_tasks) and time.perf_counter() < deadline:
-            await asyncio.sleep(0.01)
-        for proto in list(stats.outstanding):
-            proto.abort()
-        for task in list(pending_tasks):
-            task.cancel()
-        if pending_tasks:
-            await asyncio.wait(pending_tasks, timeout=2)
-            stats.errors["timeout"] += sum(1 for t in pending_tasks if t.cancelled())
-        wall = time.perf_counter() - wall0
-        span = max(stats.last_done - t0, 1e-9)
-        lat = summarize(stats.latency)
-        sched = summarize(stats.from_schedule)
-        lag = summarize(stats.lag)
-        errors = sum(stats.errors.values())
-        return {
-            "rate": rate, "duration": duration, "sent": total, "ok": stats.ok,
-            "errors": errors, "error_kinds": dict(stats.errors.most_common(6)),
-            "achieved": stats.ok / span,
-            "schedule_span": schedule_end - t0,
-            "lat_med_ms": lat["median"] * 1e3, "lat_p90_ms": lat["p90"] * 1e3,
-            "lat_p99_ms": lat["p99"] * 1e3, "lat_p999_ms": lat["p999"] * 1e3,
-            "lat_max_ms": lat["max"] * 1e3,
-            "sched_p99_ms": sched["p99"] * 1e3, "sched_max_ms": sched["max"] * 1e3,
-            "lag_p99_ms": lag["p99"] * 1e3, "lag_max_ms": lag["max"] * 1e3,
-            "gen_cpu": (gen_cpu() - cpu0) / wall,
-        }
+        return await finish_run(stats, pending_tasks, rate, duration, total, t0, wall0,
+                                schedule_end, cpu0)
 
 
 # -- the server under test ---------------------------------------------------------------------

@@ -59,6 +59,7 @@ import common  # noqa: E402
 from agi_load import (  # noqa: E402  the same meters and search as the FastAGI bench
     Stats,
     find_max,
+    finish_run,
     gen_cpu,
     run_once,
 )
@@ -69,7 +70,6 @@ from common import (  # noqa: E402
     print_machine,
     print_table,
     spread,
-    summarize,
 )
 
 from callguard.protocol import esl  # noqa: E402
@@ -81,7 +81,6 @@ from callguard.simulator.freeswitch import (  # noqa: E402
 )
 
 MIN_SLEEP = 0.001  # the generator's scheduling quantum (agi_load.Generator.run)
-DRAIN_TIMEOUT = 10.0  # seconds to wait for the last calls after the schedule ends
 SOCKET_DATA = "127.0.0.1:8084 async full"  # the shipped dialplan's socket line
 
 
@@ -487,35 +486,10 @@ class Generator:
                 task.add_done_callback(pending_tasks.discard)
                 i += 1
         schedule_end = time.perf_counter()
-        deadline = schedule_end + DRAIN_TIMEOUT
-        while (stats.outstanding or pending_tasks) and time.perf_counter() < deadline:
-            await asyncio.sleep(0.01)
-        for proto in list(stats.outstanding):
-            proto.abort()
-        for task in list(pending_tasks):
-            task.cancel()
-        if pending_tasks:
-            await asyncio.wait(pending_tasks, timeout=2)
-            stats.errors["timeout"] += sum(1 for t in pending_tasks if t.cancelled())
-        wall = time.perf_counter() - wall0
-        span = max(stats.last_done - t0, 1e-9)
-        lat = summarize(stats.latency)
-        sched = summarize(stats.from_schedule)
-        lag = summarize(stats.lag)
-        errors = sum(stats.errors.values())
-        return {
-            "rate": rate, "duration": duration, "sent": total, "ok": stats.ok,
-            "errors": errors, "error_kinds": dict(stats.errors.most_common(6)),
-            "achieved": stats.ok / span,
-            "schedule_span": schedule_end - t0,
-            "lat_med_ms": lat["median"] * 1e3, "lat_p90_ms": lat["p90"] * 1e3,
-            "lat_p99_ms": lat["p99"] * 1e3, "lat_p999_ms": lat["p999"] * 1e3,
-            "lat_max_ms": lat["max"] * 1e3,
-            "sched_p99_ms": sched["p99"] * 1e3, "sched_max_ms": sched["max"] * 1e3,
-            "lag_p99_ms": lag["p99"] * 1e3, "lag_max_ms": lag["max"] * 1e3,
-            "gen_cpu": (gen_cpu() - cpu0) / wall,
-            "tcp": {k: v - tcp0.get(k, 0) for k, v in tcp_counters().items()},
-        }
+        result = await finish_run(stats, pending_tasks, rate, duration, total, t0, wall0,
+                                  schedule_end, cpu0)
+        result["tcp"] = {k: v - tcp0.get(k, 0) for k, v in tcp_counters().items()}
+        return result
 
 
 # -- the server under test ---------------------------------------------------------------
