@@ -311,23 +311,19 @@ def serve_asterisk(env: BenchEnv, port: int, ami_url: str | None = None,
                       env.tmp / f"serve-{port}.log", port, cpu=cpu)
 
 
-class ThreadedAsterisk:
-    """The simulated Asterisk's AMI server on its own event loop in a thread: an AMI peer
-    for a serve process that keeps answering (keepalive pings) while this process's own
-    loop is stopped or busy, e.g. between the runs of a load generator. It also ends
-    calls the generator placed, with the Hangup events a real Asterisk sends."""
+class ThreadedPeer:
+    """A simulated PBX's event-link server on its own event loop in a thread: it keeps
+    answering a serve process (keepalives) while this process's own loop is stopped or
+    busy, e.g. between the runs of a load generator."""
 
-    def __init__(self):
+    def __init__(self, sim, name: str):
         import asyncio
         import threading
 
-        from callguard.simulator.asterisk import SimulatedAsterisk
-
         self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="ami-peer",
-                                       daemon=True)
+        self.thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
         self.thread.start()
-        self.sim = SimulatedAsterisk(agi_port=0)
+        self.sim = sim
         self._call(self.sim.start())
 
     def _call(self, coro, timeout: float | None = 30.0):
@@ -335,13 +331,31 @@ class ThreadedAsterisk:
 
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
+    def logged_in(self) -> int:
+        """Event-link sessions that logged in and listen for events."""
+        return len(self.sim._listeners)
+
+    def stop(self) -> None:
+        try:
+            self._call(self.sim.stop(), timeout=10)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(10)
+            self.loop.close()
+
+
+class ThreadedAsterisk(ThreadedPeer):
+    """The simulated Asterisk's AMI server as a ThreadedPeer. It also ends calls the
+    generator placed, with the Hangup events a real Asterisk sends."""
+
+    def __init__(self):
+        from callguard.simulator.asterisk import SimulatedAsterisk
+
+        super().__init__(SimulatedAsterisk(agi_port=0), "ami-peer")
+
     @property
     def ami_url(self) -> str:
         return self.sim.ami_url
-
-    def logged_in(self) -> int:
-        """AMI sessions that logged in and listen for events."""
-        return len(self.sim._listeners)
 
     def actions(self, name: str) -> int:
         return sum(1 for a in self.sim.actions if a.get("Action", "").lower() == name)
@@ -366,13 +380,6 @@ class ThreadedAsterisk:
 
         return self._call(send(), timeout=None)
 
-    def stop(self) -> None:
-        try:
-            self._call(self.sim.stop(), timeout=10)
-        finally:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self.thread.join(10)
-            self.loop.close()
 
 
 def serve_freeswitch(env: BenchEnv, port: int, esl_url: str | None = None,
@@ -385,38 +392,20 @@ def serve_freeswitch(env: BenchEnv, port: int, esl_url: str | None = None,
                       env.tmp / f"serve-fs-{port}.log", port, cpu=cpu)
 
 
-class ThreadedFreeSWITCH:
-    """The simulated FreeSWITCH's inbound ESL server on its own event loop in a thread
-    (ThreadedAsterisk's counterpart): auth, `event plain`, `api status`, `show channels
-    as json`, sched_hangup / sched_del / uuid_kill, answered as the simulator does, while
-    this process's own loop is busy. `send_events` writes ready-made event frames (the
+class ThreadedFreeSWITCH(ThreadedPeer):
+    """The simulated FreeSWITCH's inbound ESL server as a ThreadedPeer: auth, `event
+    plain`, `api status`, `show channels as json`, sched_hangup / sched_del / uuid_kill,
+    answered as the simulator does. `send_events` writes ready-made event frames (the
     CHANNEL_HANGUP_COMPLETE of calls a load generator placed) to every listener."""
 
     def __init__(self, sim=None):
-        import asyncio
-        import threading
-
         from callguard.simulator.freeswitch import SimulatedFreeSWITCH
 
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="esl-peer",
-                                       daemon=True)
-        self.thread.start()
-        self.sim = sim or SimulatedFreeSWITCH(outbound_port=0)
-        self._call(self.sim.start())
-
-    def _call(self, coro, timeout: float | None = 30.0):
-        import asyncio
-
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+        super().__init__(sim or SimulatedFreeSWITCH(outbound_port=0), "esl-peer")
 
     @property
     def esl_url(self) -> str:
         return self.sim.esl_url
-
-    def logged_in(self) -> int:
-        """Inbound ESL sessions subscribed to events."""
-        return len(self.sim._listeners)
 
     def commands(self, prefix: str) -> int:
         """Inbound commands received that start with `prefix` ("api show channels")."""
@@ -441,13 +430,6 @@ class ThreadedFreeSWITCH:
 
         return self._call(send(), timeout=None)
 
-    def stop(self) -> None:
-        try:
-            self._call(self.sim.stop(), timeout=10)
-        finally:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self.thread.join(10)
-            self.loop.close()
 
 
 # -- meters -----------------------------------------------------------------------------------
