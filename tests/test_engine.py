@@ -173,6 +173,25 @@ def test_extend_too_early_does_nothing(app, eng):
     assert g.grant == 60 and snapshot(app, "41441234567")["reserved"] == 3_000_000
 
 
+def test_a_pbx_talk_time_is_billed_from_the_answer_redis_holds(app, eng):
+    """FreeSWITCH's billmsec: the end time's clock (off, or poisoned) does not count; a
+    talk time no PBX reports is ignored; the cap at the grant end still holds."""
+    prepaid(app)
+    d = eng.authorize("41441234567", "41901234567", "outbound", "c1", now_ms=T0)
+    eng.answer(d.session, now_ms=T0 + 5_000)
+    charge = eng.commit(d.session, "16", now_ms=T0 + 200_000, end_ms=T0 + 9_000,
+                        talk_ms=30_400)
+    assert charge.duration == 30  # from the stored answer, floor, whatever end_ms says
+    d = eng.authorize("41441234567", "41901234567", "outbound", "c2", now_ms=T0)
+    eng.answer(d.session, now_ms=T0)
+    charge = eng.commit(d.session, "16", now_ms=T0 + 200_000, talk_ms=600_000)
+    assert charge.duration == 60 + app.settings.grace_seconds  # its grant, plus the grace
+    d = eng.authorize("41441234567", "41901234567", "outbound", "c3", now_ms=T0)
+    eng.answer(d.session, now_ms=T0)
+    charge = eng.commit(d.session, "16", now_ms=T0 + 20_000, talk_ms=-5)
+    assert charge.duration == 20  # not a duration: the end time tells
+
+
 def test_commit_is_idempotent(app, eng):
     prepaid(app)
     d = call(eng, "41441234567", "41901234567", "c1", T0, T0 + 30_000)
