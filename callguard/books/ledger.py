@@ -206,36 +206,43 @@ class Books:
                 db.execute(delete(RedisOutbox).where(RedisOutbox.id.in_(ids)))
 
     # -- calls ------------------------------------------------------------
-    def record_calls(self, cdrs: list[dict]) -> int:
+    def record_calls(self, cdrs: list[dict], then=None) -> int:
         """Book many finished calls in one transaction, each once; returns how many were
         new. Set-wise: one insert of the CDRs, one of their charges, one balance update
-        per account. Any error books none of them (the caller then books one at a time,
-        which says which one is at fault)."""
+        per account. `then(db)` books more in the same transaction (the engine's limit
+        events that came with them). Any error books none of it (the caller then books
+        one at a time, which says which one is at fault)."""
+        with self.session.begin() as db:
+            new = self._add_calls(db, cdrs)
+            if then is not None:
+                then(db)
+        return new
+
+    def _add_calls(self, db: Session, cdrs: list[dict]) -> int:
         if not cdrs:
             return 0
-        with self.session.begin() as db:
-            sessions = [c["session"] for c in cdrs]
-            seen = set(db.scalars(select(Cdr.session).where(Cdr.session.in_(sessions))))
-            new = []
-            for cdr in cdrs:
-                if cdr["session"] not in seen:
-                    seen.add(cdr["session"])
-                    new.append(cdr)
-            if not new:
-                return 0
-            charges: dict[str, int] = {}
-            for cdr in new:
-                charges[cdr["account"]] = charges.get(cdr["account"], 0) + cdr["cost"]
-            for account_id in sorted(a for a, total in charges.items() if total):
-                # Accounts in one order: two workers never wait on each other in a circle.
-                self._move_balance(db, account_id, -charges[account_id])
-            db.execute(insert(Cdr), new)
-            entries = [{"account": c["account"], "kind": "call_charge", "amount": -c["cost"],
-                        "idempotency_key": f"call:{c['session']}",
-                        "reference": c["destination"], "session": c["session"],
-                        "created_at": utcnow()} for c in new if c["cost"]]
-            if entries:
-                db.execute(insert(LedgerEntry), entries)
+        sessions = [c["session"] for c in cdrs]
+        seen = set(db.scalars(select(Cdr.session).where(Cdr.session.in_(sessions))))
+        new = []
+        for cdr in cdrs:
+            if cdr["session"] not in seen:
+                seen.add(cdr["session"])
+                new.append(cdr)
+        if not new:
+            return 0
+        charges: dict[str, int] = {}
+        for cdr in new:
+            charges[cdr["account"]] = charges.get(cdr["account"], 0) + cdr["cost"]
+        for account_id in sorted(a for a, total in charges.items() if total):
+            # Accounts in one order: two workers never wait on each other in a circle.
+            self._move_balance(db, account_id, -charges[account_id])
+        db.execute(insert(Cdr), new)
+        entries = [{"account": c["account"], "kind": "call_charge", "amount": -c["cost"],
+                    "idempotency_key": f"call:{c['session']}",
+                    "reference": c["destination"], "session": c["session"],
+                    "created_at": utcnow()} for c in new if c["cost"]]
+        if entries:
+            db.execute(insert(LedgerEntry), entries)
         return len(new)
 
     def record_call(self, cdr: dict) -> bool:

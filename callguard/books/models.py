@@ -33,6 +33,13 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def as_utc(moment: datetime | None) -> datetime:
+    """Aware UTC; now for None. SQLite gives datetimes back naive (all were written UTC)."""
+    if moment is None:
+        return utcnow()
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
 class Base(DeclarativeBase):
     pass
 
@@ -84,6 +91,11 @@ class Account(Base):
     payment_method: Mapped[str | None] = mapped_column(String(200))
     auto_topup_below: Mapped[int | None] = mapped_column(BigInteger)
     auto_topup_amount: Mapped[int | None] = mapped_column(BigInteger)
+    # Fraud controls (the second seed's hacked PBX); 0 or empty: none.
+    max_calls_per_minute: Mapped[int] = mapped_column(Integer, default=0)
+    max_spend_per_hour: Mapped[int] = mapped_column(BigInteger, default=0)
+    blocked_prefixes: Mapped[str] = mapped_column(String(2000), default="")  # space-separated
+    on_fraud: Mapped[str] = mapped_column(String(8), default="notify")  # notify | block
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), default=utcnow, onupdate=utcnow
@@ -144,17 +156,56 @@ class RedisOutbox(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
+NOTICE_TYPES = ("low_balance", "exhausted", "credit_warning", "credit_limit", "unblocked",
+                "topup_succeeded", "topup_failed", "fraud_suspected", "blocked")
+
+
 class Notification(Base):
-    """Outbox: written with the event that causes it, sent later by the worker."""
+    """Outbox: written in the transaction that books the event causing it, delivered
+    later by the worker. `key` is the notice id a receiver sees (webhook `id`, mail
+    Message-ID): the same event always gives the same key, so it is booked once."""
 
     __tablename__ = "notifications"
+    __table_args__ = (Index("ix_notifications_due", "sent_at", "next_attempt_at"),)
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
     key: Mapped[str] = mapped_column(String(200), unique=True)
     account: Mapped[str] = mapped_column(ForeignKey("accounts.id"), index=True)
     type: Mapped[str] = mapped_column(String(32))
-    payload: Mapped[str] = mapped_column(Text)  # JSON
+    payload: Mapped[str] = mapped_column(Text)  # JSON: the webhook body's fields
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # Delivery: each channel is marked when it took the notice, so a retry of one never
+    # repeats the other; sent_at when every configured channel has it.
+    mail_sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    webhook_sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    next_attempt_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    failed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))  # gave up
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     last_error: Mapped[str | None] = mapped_column(String(500))
+
+
+TOPUP_STATES = ("pending", "succeeded", "declined", "skipped")
+
+
+class AutoTopup(Base):
+    """One auto top-up attempt (the first seed): created when the engine saw available
+    credit cross below the account's threshold, charged by the worker through the payment
+    provider with `key` as its Idempotency-Key (the same key on every retry)."""
+
+    __tablename__ = "auto_topups"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    key: Mapped[str] = mapped_column(String(200), unique=True)
+    account: Mapped[str] = mapped_column(ForeignKey("accounts.id"), index=True)
+    amount: Mapped[int] = mapped_column(BigInteger)
+    currency: Mapped[str] = mapped_column(String(3))
+    payment_method: Mapped[str] = mapped_column(String(200))
+    state: Mapped[str] = mapped_column(String(10), default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    provider_id: Mapped[str | None] = mapped_column(String(200))
+    last_error: Mapped[str | None] = mapped_column(String(500))
+    entry: Mapped[int | None] = mapped_column(ForeignKey("ledger.id"))  # the booked top-up
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    done_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
