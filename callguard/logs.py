@@ -5,6 +5,11 @@ from __future__ import annotations
 import logging
 import time
 
+# httpx logs each request's full URL at INFO (`callguard -v`), credentials and all: a
+# payment or webhook URL may carry them. callguard's own lines say what it sent, without.
+if logging.getLogger("httpx").level == logging.NOTSET:
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
 
 class Throttled:
     """Logs at most one line per `interval` seconds; the next line says how many it held

@@ -26,7 +26,7 @@ from .engine.connect import connect, resolve_url
 from .engine.core import Keys, Ops, Plans, SessionId
 from .engine.runner import SyncEngine
 from .logs import Throttled
-from .rating import Rate
+from .rating import Rate, normalize_number
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ def _apply_one(app: App, row_id: int, account_id: str, entry: int | None,
         if not claimed:
             return False
         if entry is None:
-            state.push_account(app.redis, app.keys, db.get(Account, account_id))
+            state.push_account(app.engine, db.get(Account, account_id))
         else:
             try:
                 app.engine.credit(account_id, amount, entry)
@@ -143,19 +143,58 @@ def create_account(app: App, account_id: str, opening_balance: int = 0,
     plan = values.get("plan") or "default"
     if plan != "default" and not app.books.plan_exists(plan):
         raise BooksError(f"unknown rate plan {plan}")
+    check_auto_topup(Account(id=account_id, kind=values.get("kind")), values,
+                     app.settings.payment_url)
     row = app.books.create_account(account_id, opening_balance, **values)
     return row, _apply_now(app, account_id)
 
 
-def update_account(app: App, account_id: str, **changes) -> tuple[Account, Applied]:
+def update_account(app: App, account_id: str, block=(), unblock=(),
+                   **changes) -> tuple[Account, Applied]:
+    """Change settings; `block`/`unblock`: destination prefixes added to or taken from the
+    account's own blocked list."""
     plan = changes.get("plan")
     if plan and plan != "default" and not app.books.plan_exists(plan):
         raise BooksError(f"unknown rate plan {plan}")
     row = app.books.get_account(account_id)
     if "credit_limit" in changes and row.kind != "postpaid":
         raise BooksError(f"account {account_id} is prepaid: it has no credit limit")
+    if block or unblock:
+        changes["blocked_prefixes"] = blocked_prefixes(row.blocked_prefixes, block, unblock)
+    check_auto_topup(row, changes, app.settings.payment_url)
     row = app.books.update_account(account_id, **changes)
     return row, _apply_now(app, account_id)
+
+
+def blocked_prefixes(current: str, block, unblock) -> str:
+    """The account's blocked list (space-separated, as dialled numbers are normalised)."""
+    prefixes = set(current.split()) | {normalize_number(p) for p in block}
+    for text in unblock:
+        prefix = normalize_number(text)
+        if prefix not in prefixes:
+            raise BooksError(f"prefix {prefix} is not blocked on this account")
+        prefixes.discard(prefix)
+    listed = " ".join(sorted(prefixes))
+    if len(listed) > Account.blocked_prefixes.type.length:
+        raise BooksError("too many blocked prefixes on one account (use a rate plan's "
+                         "blocked rows)")
+    return listed
+
+
+def check_auto_topup(row: Account, changes: dict, payment_url: str | None) -> None:
+    """The first seed: auto top-up needs a card on file (and a provider to charge it)."""
+    after = {name: changes.get(name, getattr(row, name)) for name in
+             ("payment_method", "auto_topup_below", "auto_topup_amount")}
+    if not (after["auto_topup_below"] or after["auto_topup_amount"]):
+        return
+    if row.kind != "prepaid":
+        raise BooksError(f"account {row.id} is postpaid: auto top-up is for prepaid accounts")
+    if not after["payment_method"]:
+        raise BooksError("auto top-up needs a payment method on file (--payment-method TOKEN)")
+    if not (after["auto_topup_below"] and after["auto_topup_amount"]):
+        raise BooksError("auto top-up needs both --auto-topup-below and --auto-topup-amount")
+    if not payment_url:
+        raise BooksError("auto top-up needs a payment provider: set CALLGUARD_PAYMENT_URL")
 
 
 MOVEMENTS = {"topup": "prepaid", "payment": "postpaid", "adjustment": None}

@@ -20,11 +20,12 @@ import redis
 import sqlalchemy.exc
 from sqlalchemy import func, select, update
 
+from . import limit_events
 from .books.models import Account, Cdr, LedgerEntry, RedisOutbox
 from .engine import state
 from .engine.core import LAYOUT, SHARDS, SessionId, shard_of
 from .logs import Throttled
-from .service import App, version_stamp
+from .service import App, apply_outbox, kill, version_stamp
 
 log = logging.getLogger(__name__)
 
@@ -111,21 +112,35 @@ class Drain:
         entry at a time, setting aside those that cannot be booked. Then settle them all."""
         commits = [(shard, entry_id, fields) for shard, entry_id, fields in taken
                    if fields and fields.get("type") == "commit"]
+        events = [(shard, entry_id, fields) for shard, entry_id, fields in taken
+                  if fields and fields.get("type") == "limit"]
+        hang_up: set[str] = set()
+
+        def book_events(db, these=events):
+            hang_up.update(limit_events.book(db, [(entry_id, f) for _, entry_id, f in these]))
+
         try:
-            self.app.books.record_calls([cdr_from_event(f) for _, _, f in commits])
+            self.app.books.record_calls([cdr_from_event(f) for _, _, f in commits], book_events)
         except SQL_OUTAGES:
             raise
         except Exception:  # noqa: BLE001 - one of them is poisoned: find which
+            hang_up.clear()
             dead = set()
-            for shard, entry_id, fields in commits:
+            for shard, entry_id, fields in commits + events:
                 try:
-                    self.app.books.record_call(cdr_from_event(fields))
+                    if fields["type"] == "commit":
+                        self.app.books.record_call(cdr_from_event(fields))
+                    else:
+                        with self.app.books.session.begin() as db:
+                            book_events(db, [(shard, entry_id, fields)])
                 except SQL_OUTAGES:
                     raise
                 except Exception as exc:  # noqa: BLE001 - whatever it is, it is this entry's
                     self._dead_letter(shard, entry_id, fields, exc)
                     dead.add((shard, entry_id))  # ids repeat across streams
             taken = [t for t in taken if t[:2] not in dead]
+        if hang_up:
+            self._hang_up(hang_up)
         by_shard: dict[int, list[str]] = defaultdict(list)
         for shard, entry_id, _ in taken:
             by_shard[shard].append(entry_id)
@@ -137,6 +152,18 @@ class Drain:
             self._settle(shard, ids, pipe=pipe)
         if pipe is not None:
             pipe.execute()
+
+    def _hang_up(self, accounts: set[str]) -> None:
+        """Blocked for fraud: end the accounts' calls now, on every node, and get the
+        settings (the block) to Redis at once."""
+        for account in sorted(accounts):
+            sessions = [s["session"] for s in state.live_sessions(self.app.redis, self.app.keys,
+                                                                   account)]
+            apply_outbox(self.app, account)
+            if sessions:
+                kill(self.app, sessions)
+                log.warning("account %s blocked for suspected fraud: hanging up %d call(s)",
+                            account, len(sessions))
 
     def _settle(self, shard: int, ids: list[str], error: str = "", pipe=None) -> None:
         keys = self.app.keys
@@ -316,7 +343,7 @@ def rebuild(app: App) -> int:
                            if f.get("session", "").startswith(account_id + "/")})
             booked = list(db.scalars(select(Cdr.session).where(Cdr.session.in_(mine)))) \
                 if mine else []
-            state.push_account(r, keys, row)
+            state.push_account(app.engine, row)
             app.engine.script(
                 "restore",
                 [keys.account(account_id), keys.events(shard), keys.dead(shard),
@@ -344,4 +371,17 @@ class Outage:
 
     def ok(self) -> None:
         self.delay = 0.2
+
+    def attempt(self, work, sleep=time.sleep):
+        """work(), or None once an outage of Redis or SQL it met has been slept on."""
+        try:
+            result = work()
+        except (redis.RedisError, OSError) as exc:
+            sleep(self.failed("Redis", exc))
+            return None
+        except SQL_OUTAGES as exc:
+            sleep(self.failed("the SQL database", exc))
+            return None
+        self.ok()
+        return result
 

@@ -90,6 +90,8 @@ def test_create_and_show_prepaid(run, accounts):
         "balance": "50.000000", "credit_limit": "0.000000", "outstanding": "0.000000",
         "reserved": "0.000000", "available": "50.000000", "channels": 0, "max_channels": 10,
         "cps_limit": 0, "warn_below": "10.000000", "warn_at": None, "email": None,
+        "limit_state": "ok", "auto_topup": None, "max_calls_per_minute": 0,
+        "max_spend_per_hour": None, "blocked_prefixes": [], "on_fraud": "notify",
     }
     text = ok(run("account", "show", P))
     assert f"account     {P} (prepaid, plan default)" in text

@@ -188,7 +188,8 @@ def test_the_worker_waits_out_redis_going_away(books_app, private_redis):
         assert proc.poll() is None  # still there, waiting
         private_redis.start()  # with its append-only file: nothing acknowledged is lost
         calls_ended(app, 20, 20)
-        wait_for(lambda: cdr_count(app) == 40, "the calls after the outage booked")
+        wait_for(lambda: cdr_count(app) == 40 and pending(app) == 0,
+                 "the calls after the outage booked")
     finally:
         stop(proc)
     all_booked(app, 40)
@@ -353,11 +354,11 @@ def test_entries_taken_before_an_outage_are_read_again_by_the_same_worker(books_
     calls_ended(app, 3)
     record, failures = app.books.record_calls, []
 
-    def flaky(cdrs):
+    def flaky(cdrs, then=None):
         if not failures:
             failures.append(len(cdrs))
             raise sqlalchemy.exc.OperationalError("INSERT", {}, Exception("server closed"))
-        return record(cdrs)
+        return record(cdrs, then)
 
     monkeypatch.setattr(app.books, "record_calls", flaky)
     drain = sync.Drain(app, "w1")

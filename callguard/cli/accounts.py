@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import click
+from redis import RedisError
 
 from .. import service
 from ..engine import state
@@ -42,10 +43,27 @@ def account_json(app: service.App, row) -> dict:
         "channels": live.get("channels", 0),
         "max_channels": row.max_channels,
         "cps_limit": row.cps_limit,
-        "warn_below": format_full(row.warn_below) if row.warn_below is not None else None,
-        "warn_at": format_full(row.warn_at) if row.warn_at is not None else None,
+        "limit_state": LIMIT_STATES.get(str(live.get("lv", "")), "ok"),
+        "warn_below": _money(row.warn_below),
+        "warn_at": _money(row.warn_at),
         "email": row.email,
+        "auto_topup": ({"below": _money(row.auto_topup_below),
+                        "amount": _money(row.auto_topup_amount),
+                        "payment_method": "on file"}
+                       if state.topup_below(row) else None),
+        "max_calls_per_minute": row.max_calls_per_minute,
+        "max_spend_per_hour": _money(row.max_spend_per_hour or None),
+        "blocked_prefixes": row.blocked_prefixes.split(),
+        "on_fraud": row.on_fraud,
     }
+
+
+# The engine's limit level (common.lua `watch`): 2 blocks calls both ways until money arrives.
+LIMIT_STATES = {"0": "ok", "1": "warned", "2": "exhausted"}
+
+
+def _money(micros: int | None) -> str | None:
+    return None if micros is None else format_full(micros)
 
 
 def account_text(data: dict) -> str:
@@ -55,6 +73,11 @@ def account_text(data: dict) -> str:
         return f"{format_display(parse_amount(data[name], allow_negative=True))} {cur}"
 
     status = data["status"] + (f" ({data['block_reason']})" if data["block_reason"] else "")
+    if data["limit_state"] == "exhausted" and data["status"] == "active":
+        status = ("blocked both ways: no credit left until a "
+                  + ("top-up" if data["kind"] == "prepaid" else "payment"))
+    elif data["limit_state"] == "warned":
+        status += " (below its warning level)"
     lines = [f"account     {data['account']} ({data['kind']}, plan {data['plan']})",
              f"status      {status}"]
     if data["kind"] == "prepaid":
@@ -158,22 +181,54 @@ def account_list(ctx, as_json):
 @click.option("--plan")
 @click.option("--email")
 @click.option("--payment-method", help="Token of the stored card for auto top-up.")
-@click.option("--auto-topup-below", callback=amount_option)
-@click.option("--auto-topup-amount", callback=amount_option)
+@click.option("--auto-topup-below", callback=amount_option,
+              help="Charge the card when available credit falls below this (prepaid).")
+@click.option("--auto-topup-amount", callback=amount_option, help="How much each charge tops up.")
+@click.option("--no-auto-topup", is_flag=True, default=None, help="Stop topping up by card.")
+@click.option("--max-calls-per-minute", type=click.IntRange(0, 100000),
+              help="Call attempts per minute allowed (0: unlimited); beyond: RATE_LIMIT.")
+@click.option("--max-spend-per-hour", callback=amount_option,
+              help="Spend per hour allowed, live calls included (0: unlimited); beyond: "
+                   "VELOCITY_LIMIT and a fraud notice.")
+@click.option("--block-prefix", multiple=True, help="Deny calls to numbers starting so "
+                                                    "(DEST_BLOCKED); repeatable.")
+@click.option("--unblock-prefix", multiple=True, help="Lift an account-level --block-prefix.")
+@click.option("--on-fraud", type=click.Choice(["notify", "block"]),
+              help="When fraud is suspected: only notify, or also block the account and "
+                   "hang its calls up.")
 @click.pass_context
 @refusals
-def account_set(ctx, account_id, **options):
-    """Change an account's limits, plan or contact.
+def account_set(ctx, account_id, block_prefix, unblock_prefix, **options):
+    """Change an account's limits, plan, contact, auto top-up or fraud controls.
 
     \b
-    Example:
+    Examples:
       callguard account set 41441234567 --max-channels 4 --warn-below 5.00
+      callguard account set 41441234567 --payment-method tok_4242 \\
+          --auto-topup-below 10.00 --auto-topup-amount 20.00
+      callguard account set 4144555 --max-spend-per-hour 50.00 --block-prefix +41900 \\
+          --on-fraud block
     """
     changes = {k: v for k, v in options.items() if v is not None}
-    if not changes:
+    if changes.pop("no_auto_topup", None):
+        changes.update(auto_topup_below=None, auto_topup_amount=None)
+    if not changes and not block_prefix and not unblock_prefix:
         raise click.UsageError("nothing to change: give at least one option")
-    _, applied = service.update_account(app_of(ctx), account_id, **changes)
-    report(applied, f"updated account {account_id}: {', '.join(sorted(changes))}")
+    app = app_of(ctx)
+    row, applied = service.update_account(app, account_id, block=block_prefix,
+                                          unblock=unblock_prefix, **changes)
+    done = f"updated account {account_id}: {', '.join(sorted(changes) or ['blocked prefixes'])}"
+    if block_prefix or unblock_prefix:
+        done += f"; blocked prefixes: {row.blocked_prefixes or 'none'}"
+    report(applied, done)
+
+
+def _limit_state(app: service.App, account_id: str) -> str | None:
+    try:
+        live = state.account_state(app.redis, app.keys, account_id) or {}
+    except (OSError, RedisError):
+        return None  # Redis away: the movement waits in the outbox, nothing to say yet
+    return LIMIT_STATES.get(str(live.get("lv", "")))
 
 
 # A negative amount ("-5.00") is an argument, not an unknown option.
@@ -189,7 +244,9 @@ def _money_command(kind: str):
     @refusals
     def command(ctx, account_id, amount, ref):
         micros = parse_amount(amount, allow_zero=False, allow_negative=kind == "adjustment")
-        booking, applied = service.move_money(app_of(ctx), account_id, kind, micros, ref)
+        app = app_of(ctx)
+        was = _limit_state(app, account_id)
+        booking, applied = service.move_money(app, account_id, kind, micros, ref)
         if booking.created:
             done = (f"booked {kind} of {format_display(micros)} on {account_id} "
                     f"(entry {booking.entry_id})")
@@ -201,6 +258,8 @@ def _money_command(kind: str):
                 done += "; applied to Redis now"
             elif applied.in_redis:
                 done += "; nothing changed"
+        if was == "exhausted" and applied.in_redis and _limit_state(app, account_id) != was:
+            done += f"\nunblocked {account_id}: calls are allowed again, both ways"
         report(applied, done)
 
     return command

@@ -22,7 +22,8 @@ from ..decisions import Decision, Reason, denied
 from ..rating import FREE_RATE, NumberError, RatePlan, normalize_number
 
 LUA = Path(__file__).with_name("lua")
-SCRIPTS = ("authorize", "answer", "extend", "commit", "credit", "settle", "lease", "restore")
+SCRIPTS = ("authorize", "answer", "extend", "commit", "credit", "settings", "settle", "lease",
+           "restore")
 SHARDS = 64
 LAYOUT = "2"  # Redis key layout version: refuse to run beside another one
 ACCOUNT_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -275,10 +276,16 @@ class Ops:
         return Call("commit", self.keys.session_keys(account, channel),
                     [_at(now_ms), "", "released", "release", "", self.grace, "", ""], _charge)
 
+    def settings(self, account: str, fields: dict) -> Call:
+        """Write the books' settings of an account (see settings.lua)."""
+        return Call("settings", [self.keys.account(account), self.keys.events(shard_of(account))],
+                    [account, *(x for item in fields.items() for x in item)], lambda _: None)
+
     def credit(self, account: str, amount: int, entry: int) -> Call:
         """Apply the books' movement `entry` to Redis, once."""
-        return Call("credit", [self.keys.account(account), self.keys.marker(account, entry)],
-                    [amount], lambda reply: (bool(reply[0]), int(reply[1])))
+        return Call("credit", [self.keys.account(account), self.keys.marker(account, entry),
+                               self.keys.events(shard_of(account))],
+                    [amount, account], lambda reply: (bool(reply[0]), int(reply[1])))
 
 
 def _at(ms: int | None):

@@ -7,7 +7,8 @@ import asyncio
 
 from .core import Call, Ops, script_sources
 
-OPERATIONS = ("authorize", "answer", "extend", "commit", "release", "release_channel", "credit")
+OPERATIONS = ("authorize", "answer", "extend", "commit", "release", "release_channel", "credit",
+              "settings")
 
 
 class _Engine:

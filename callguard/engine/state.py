@@ -17,6 +17,24 @@ class LayoutMismatch(RuntimeError):
     pass
 
 
+DEFAULT_WARN_BELOW = 10_000_000  # the seeds: prepaid customers are warned from 10.00 left
+
+
+def warn_level(row) -> int:
+    """Available credit below which the account is warned: prepaid `warn_below` (default
+    10.00); postpaid from the moment outstanding plus live calls reach `warn_at`."""
+    if row.kind == "prepaid":
+        return DEFAULT_WARN_BELOW if row.warn_below is None else row.warn_below
+    return 0 if row.warn_at is None else row.credit_limit - row.warn_at + 1
+
+
+def topup_below(row) -> int:
+    """The auto top-up threshold the engine watches (0: none)."""
+    if row.kind == "prepaid" and row.payment_method and row.auto_topup_amount:
+        return row.auto_topup_below or 0
+    return 0
+
+
 def account_fields(row) -> dict[str, str | int]:
     """The Redis view of an SQL account row (everything but the moving money)."""
     return {
@@ -28,19 +46,19 @@ def account_fields(row) -> dict[str, str | int]:
         "plan": row.plan,
         "cps": row.cps_limit,
         "currency": row.currency,
+        "warn": warn_level(row),
+        "tpb": topup_below(row),
+        "cpm": row.max_calls_per_minute or 0,
+        "vmax": row.max_spend_per_hour or 0,
+        "bp": row.blocked_prefixes or "",
+        "fraud": row.on_fraud or "notify",
     }
 
 
-def push_account(client, keys: Keys, row) -> None:
-    """Write an account's settings. Its balance starts at 0: every movement, the opening
-    balance included, reaches Redis through the books' outbox."""
-    acct = keys.account(row.id)
-    pipe = client.pipeline(transaction=False)
-    pipe.hset(acct, mapping=account_fields(row))
-    for name in ("balance", "reserved", "channels"):
-        pipe.hsetnx(acct, name, 0)
-    pipe.sadd(keys.accounts, row.id)
-    pipe.execute()
+def push_account(engine, row) -> None:
+    """Write an account's settings (settings.lua) and list it."""
+    engine.settings(row.id, account_fields(row))
+    engine.client.sadd(engine.keys.accounts, row.id)
 
 
 def check_layout(client, keys: Keys) -> None:

@@ -3,8 +3,8 @@
 --       connect_fee, initial, subsequent, rate_blocked, quota, node, ring_s, grace_s, stale_s,
 --       blind ('1': allowed while the PBX is out of sight, under fail_open)
 -- Returns {allow, reason, session_id, grant, maxsec, extra}.
--- A deny writes nothing but the account's setup counter: a flood of denied setups
--- leaves no footprint in Redis.
+-- A deny writes nothing but the account's counters (setups, fraud strikes): a flood of
+-- denied setups leaves no footprint in Redis.
 local acct, sess, live, seq, events = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local member = ARGV[2] .. '/' .. ARGV[3]
 local now = clock(ARGV[1])
@@ -29,24 +29,43 @@ if cur[2] == 'auth' or cur[2] == 'ans' then
 end
 
 a = redis.call('HMGET', acct, 'balance', 'credit', 'reserved', 'channels', 'max_channels',
-  'cps', 'cps_s', 'cps_n')
+  'cps', 'cps_s', 'cps_n', 'lv', 'cpm', 'cpm_m', 'cpm_n', 'vmax', 'bp', 'fd_m', 'fd_n', 'fz')
 local balance, credit, reserved = num(a[1]), num(a[2]), num(a[3])
 local r, cf, i, s = num(ARGV[9]), num(ARGV[10]), num(ARGV[11]), num(ARGV[12])
+local minute = idiv(now, 60000)
 
 local function deny(reason) return {0, reason, '', 0, 0, ''} end
+-- A hacked PBX shows as calls hitting the channel cap or the rate limits again and again.
+local function strike(reason)
+  local count = ((num(a[15]) == minute) and num(a[16]) or 0) + 1
+  redis.call('HSET', acct, 'fd_m', minute, 'fd_n', count)
+  if count == STRIKES then suspect(acct, events, ARGV[2], string.lower(reason)) end
+  return deny(reason)
+end
 if status == 'blocked' then return deny('BLOCKED') end
--- The seeds' automatic block: at zero credit no calls either way until money arrives.
-if balance + credit <= 0 then return deny('NO_FUNDS') end
+-- The seeds' automatic block: with nothing left, no calls either way until money arrives.
+if num(a[9]) == 2 or balance + credit - reserved < CENT then return deny('NO_FUNDS') end
+if a[14] and a[14] ~= '' then  -- the account's own blocked prefixes, rated or not
+  for p in string.gmatch(a[14], '%S+') do
+    if string.sub(destination, 1, #p) == p then return deny('DEST_BLOCKED') end
+  end
+end
 if ARGV[7] == '0' then return deny('NO_RATE') end
 if ARGV[13] == '1' then return deny('DEST_BLOCKED') end
 local max_channels = num(a[5])
-if max_channels > 0 and num(a[4]) >= max_channels then return deny('CHANNEL_LIMIT') end
+if max_channels > 0 and num(a[4]) >= max_channels then return strike('CHANNEL_LIMIT') end
 local cps = num(a[6])
 if cps > 0 then
   local second = idiv(now, 1000)
   local count = (num(a[7]) == second) and num(a[8]) or 0
-  if count >= cps then return deny('RATE_LIMIT') end
+  if count >= cps then return strike('RATE_LIMIT') end
   redis.call('HSET', acct, 'cps_s', second, 'cps_n', count + 1)
+end
+local cpm = num(a[10])
+if cpm > 0 then
+  local count = (num(a[11]) == minute) and num(a[12]) or 0
+  if count >= cpm then return strike('RATE_LIMIT') end
+  redis.call('HSET', acct, 'cpm_m', minute, 'cpm_n', count + 1)
 end
 
 local maxsec = affordable(balance + credit - reserved, r, cf, i, s)
@@ -54,6 +73,15 @@ if maxsec < 0 then return deny('NO_FUNDS') end
 local grant = slice_target(0, num(ARGV[14]), i, s)
 if grant > maxsec then grant = maxsec end
 local hold = cost_of(grant, r, cf)
+local vmax = num(a[13])
+if vmax > 0 and spent_last_hour(acct, now, reserved) + hold > vmax then
+  local hour = idiv(now, HOUR)
+  if num(a[17]) ~= hour then
+    redis.call('HSET', acct, 'fz', hour)
+    suspect(acct, events, ARGV[2], 'velocity_limit')
+  end
+  return deny('VELOCITY_LIMIT')
+end
 
 redis.call('HINCRBY', acct, 'reserved', hold)
 redis.call('HINCRBY', acct, 'channels', 1)
@@ -66,4 +94,5 @@ redis.call('HSET', sess, 'n', n, 'st', 'auth', 'acct', ARGV[2], 'ch', ARGV[3], '
   's', s, 'g', grant, 'hold', hold, 'fin', 0, 'mx', maxsec, 'bl', ARGV[19])
 -- Not answered by the time the PBX's own timeout has ended it: the sweeper frees it.
 redis.call('ZADD', live, now + (ring_s + grant + grace_s + stale_s) * 1000, member)
+watch(acct, events, ARGV[2], false, false)
 return {1, 'OK', member .. '/' .. n, grant, maxsec, ''}

@@ -6,6 +6,9 @@
 local MAX_MONEY = 9007199254740991
 local MAX_SECONDS = 1000000  -- caps a billed duration (11.5 days) so rate*seconds stays exact
 local DONE_TTL = 60  -- seconds a finished session answers 'already' to a late duplicate
+local CENT = 10000  -- a hundredth of the currency unit: less available than this is nothing
+local HOUR = 3600000
+local STRIKES = 10  -- channel-cap or rate-limit denials within a minute that look like fraud
 
 local function idiv(a, b)
   local q = math.floor(a / b)
@@ -69,6 +72,92 @@ local function available(acct_key)
   return num(m[1]) + num(m[2]) - num(m[3])
 end
 
+-- An engine event for the worker to book (a notice, an auto top-up, a fraud suspicion),
+-- with the account's money as it stood: m = {balance, credit, reserved}.
+local function emit(events, event, account, m, reason)
+  redis.call('XADD', events, '*', 'type', 'limit', 'event', event, 'acct', account,
+    'bal', num(m[1]), 'credit', num(m[2]), 'res', num(m[3]), 'reason', reason or '')
+end
+
+-- The account's limit level after its money moved: 0 fine, 1 warned (available below
+-- `warn`), 2 exhausted (less than a cent available, or a call's slice cut short for lack
+-- of credit: `ran_out`), which blocks new calls both ways. Each rise is announced once;
+-- only money arriving (`arrived`: a top-up, a payment, new settings) lowers it, so reservations coming
+-- and going never repeat a warning. The auto top-up threshold works the same way: one
+-- request per crossing, re-armed by money arriving above it or by new settings.
+local function watch(acct, events, account, arrived, ran_out)
+  local m = redis.call('HMGET', acct, 'balance', 'credit', 'reserved', 'warn', 'lv', 'tpb', 'tp',
+    'kind')
+  local avail = num(m[1]) + num(m[2]) - num(m[3])
+  local was, level = num(m[5]), 0
+  if ran_out or avail < CENT then level = 2 elseif avail < num(m[4]) then level = 1 end
+  if not m[5] then
+    -- First sight (a new account's opening balance, a rebuilt Redis): no crossing to tell.
+    redis.call('HSET', acct, 'lv', level)
+    return
+  end
+  local event = nil
+  if level > was then
+    if m[8] == 'postpaid' then
+      event = (level == 2) and 'credit_limit' or 'credit_warning'
+    else
+      event = (level == 2) and 'exhausted' or 'low_balance'
+    end
+  elseif level < was and arrived then
+    if was == 2 then event = 'unblocked' end
+  else
+    level = was
+  end
+  if level ~= was then redis.call('HSET', acct, 'lv', level) end
+  if event then emit(events, event, account, m) end
+  local below = num(m[6])
+  if below > 0 then
+    if avail < below then
+      if m[7] ~= '1' then
+        redis.call('HSET', acct, 'tp', 1)
+        emit(events, 'topup', account, m)
+      end
+    elseif arrived and m[7] == '1' then
+      redis.call('HDEL', acct, 'tp')
+    end
+  end
+end
+
+-- Fraud suspected: said once by the caller's rule; with on_fraud 'block' the engine blocks
+-- the account at once (the worker books it and hangs its calls up on every node).
+local function suspect(acct, events, account, why)
+  emit(events, 'fraud_suspected', account,
+    redis.call('HMGET', acct, 'balance', 'credit', 'reserved'), why)
+  if redis.call('HGET', acct, 'fraud') == 'block' then
+    redis.call('HSET', acct, 'status', 'blocked', 'reason', 'fraud suspected: ' .. why)
+  end
+end
+
+-- Spend of the last hour (a sliding window over two hourly buckets of finished calls'
+-- cost), plus what live calls hold.
+local function spent_last_hour(acct, now, reserved)
+  local v = redis.call('HMGET', acct, 'vh', 'vs', 'vp')
+  local hour = idiv(now, HOUR)
+  local cur, prev = num(v[2]), num(v[3])
+  if num(v[1]) ~= hour then
+    prev = (num(v[1]) == hour - 1) and cur or 0
+    cur = 0
+  end
+  return math.floor(prev * ((HOUR - (now - hour * HOUR)) / HOUR)) + cur + reserved
+end
+
+local function count_spend(acct, now, cost)
+  local v = redis.call('HMGET', acct, 'vmax', 'vh', 'vs')
+  if num(v[1]) == 0 then return end
+  local hour = idiv(now, HOUR)
+  if num(v[2]) == hour then
+    redis.call('HINCRBY', acct, 'vs', cost)
+  else
+    redis.call('HSET', acct, 'vh', hour, 'vs', cost,
+      'vp', (num(v[2]) == hour - 1) and num(v[3]) or 0)
+  end
+end
+
 -- End the session held in `sess`: rate what was talked, move it from reserved to spent,
 -- free the channel and queue the commit for the books (the shard's stream).
 -- mode 'reported': the PBX said it ended at end_ms (or now); it cannot have talked past
@@ -116,12 +205,16 @@ local function finish(acct, sess, live, events, member, now, end_arg, cause, mod
   end
   redis.call('HINCRBY', acct, 'reserved', 0 - num(f[5]))
   redis.call('HINCRBY', acct, 'channels', -1)
-  if cost > 0 then redis.call('HINCRBY', acct, 'balance', 0 - cost) end
+  if cost > 0 then
+    redis.call('HINCRBY', acct, 'balance', 0 - cost)
+    count_spend(acct, ended, cost)
+  end
   redis.call('ZREM', live, member)
   redis.call('XADD', events, '*', 'type', 'commit', 'session', member .. '/' .. f[1],
     'node', f[17] or '', 'dir', f[13], 'dst', f[14], 'pfx', f[15] or '',
     'r', r, 'cf', cf, 'i', i, 's', s, 'setup', f[16], 'ans', f[10] or '', 'end', ended,
     'dur', duration, 'billed', billed, 'cost', cost, 'cause', cause)
+  watch(acct, events, f[11], false, false)
   -- Only what a late duplicate needs stays, briefly.
   redis.call('DEL', sess)
   redis.call('HSET', sess, 'n', f[1], 'st', 'done', 'cost', cost, 'dur', duration, 'billed', billed)

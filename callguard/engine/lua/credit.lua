@@ -1,5 +1,5 @@
--- KEYS: acct, marker
--- ARGV: amount (signed micro-units)
+-- KEYS: acct, marker, events
+-- ARGV: amount (signed micro-units), account
 -- Apply a money movement already booked in SQL, once: the marker (named after its ledger
 -- entry) stays for as long as the books' outbox still lists the movement, so a retry finds it.
 -- Returns {applied (0/1), balance}
@@ -14,4 +14,6 @@ if math.abs(balance + amount) > MAX_MONEY then return redis.error_reply('balance
 if redis.call('SET', marker, 1, 'NX') == false then return {0, balance} end
 balance = balance + amount
 redis.call('HSET', acct, 'balance', balance)
+-- Money arrived (or an adjustment took some): the limit level follows, either way.
+watch(acct, KEYS[3], ARGV[2], amount > 0, false)
 return {1, balance}

@@ -21,13 +21,15 @@ local r, cf, i, s = num(f[7]), num(f[8]), num(f[9]), num(f[10])
 local hold = num(f[6])
 local want = slice_target(granted, quota, i, s)
 local grant = -1
-if redis.call('HGET', acct, 'status') ~= 'blocked' then
+local blocked = redis.call('HGET', acct, 'status') == 'blocked'
+if not blocked then
   -- This session's own hold counts as available to itself.
   grant = affordable(available(acct) + hold, r, cf, i, s)
   if grant > want then grant = want end
 end
 if grant <= granted then
   redis.call('HSET', sess, 'fin', 1)
+  if not blocked then watch(acct, KEYS[4], f[11], false, true) end
   return {'ans', granted, grant_end, 1, now}
 end
 local new_hold = cost_of(grant, r, cf)
@@ -36,4 +38,5 @@ final = (grant < want) and 1 or 0
 redis.call('HINCRBY', acct, 'reserved', new_hold - hold)
 redis.call('HSET', sess, 'g', grant, 'ge', new_end, 'hold', new_hold, 'fin', final)
 redis.call('ZADD', live, new_end + num(ARGV[5]) * 1000, f[11] .. '/' .. f[12])
+watch(acct, KEYS[4], f[11], false, final == 1)
 return {'ans', grant, new_end, final, now}
