@@ -1,25 +1,28 @@
-"""`callguard worker`: books the shards' call commits into SQL, applies the books'
-outbox to Redis, and closes sessions of nodes that died. It never gives up: an
-outage of SQL or Redis is waited out, a poisoned entry is set aside, a SIGKILL
-at any point is taken up again by the next start under the same node identity."""
+"""`callguard worker`: books the shards' call commits and limit events into SQL,
+applies the books' outbox to Redis, closes sessions of nodes that died, charges
+auto top-ups and delivers notices. It never gives up: an outage of SQL or Redis is
+waited out, a poisoned entry is set aside, a SIGKILL at any point is taken up again
+by the next start under the same node identity."""
 
 from __future__ import annotations
 
 import logging
 import signal
+import threading
 import time
 
 import redis
 
-from . import nodes, service
+from . import nodes, notify, service, topup
 from .books.ledger import BooksError
 from .engine import state
-from .sync import SQL_OUTAGES, Drain, Outage
+from .sync import Drain, Outage
 
 log = logging.getLogger(__name__)
 
 CLAIM_EVERY = 10.0  # look for entries a dead worker left, this often
 SWEEP_EVERY = 5.0
+OUTBOXES_EVERY = 1.0  # auto top-ups to charge, notices to deliver
 
 
 def run(app: service.App, node: str, once: bool = False, idle: float = 0.2) -> None:
@@ -47,25 +50,29 @@ def run(app: service.App, node: str, once: bool = False, idle: float = 0.2) -> N
     log.info("worker %s started", node)
     drain = Drain(app, node)
     last = {"renew": time.monotonic(), "claim": 0.0, "sweep": 0.0}
+    stop_outboxes = threading.Event()
+    beside = threading.Thread(target=outboxes, args=(app, stop_outboxes), daemon=True,
+                              name="outboxes")
+    if not once:
+        beside.start()
     try:
         while not stopping:
             try:
-                busy = step(app, drain, lease, last)
-                outage.ok()
-            except (redis.RedisError, OSError) as exc:
-                time.sleep(outage.failed("Redis", exc))
-                continue
-            except SQL_OUTAGES as exc:
-                time.sleep(outage.failed("the SQL database", exc))
-                continue
+                busy = outage.attempt(lambda: step(app, drain, lease, last))
             except BooksError as exc:  # an outbox row Redis cannot take (account lost)
                 log.error("%s", exc)
                 busy = 0
+            if busy is None:
+                continue
             if once and not busy:
+                outage.attempt(lambda: charge_and_deliver(app), lambda _delay: None)
                 return
             if not busy:
                 time.sleep(idle)
     finally:
+        stop_outboxes.set()
+        if beside.is_alive():
+            beside.join(timeout=15)
         try:
             lease.release()
         except (redis.RedisError, OSError):
@@ -88,3 +95,17 @@ def step(app: service.App, drain: Drain, lease: nodes.NodeLease, last: dict) -> 
         busy += len(service.sweep(app))
         last["sweep"] = now
     return busy
+
+
+def charge_and_deliver(app: service.App) -> int:
+    return (topup.charge_due(app) if app.settings.payment_url else 0) + notify.deliver_due(app)
+
+
+def outboxes(app: service.App, stopping: threading.Event) -> None:
+    """Charge auto top-ups and deliver notices, beside the drain: a payment provider or a
+    mail server that hangs for its timeout must not hold up the books (nor a fraud
+    block's hang-up)."""
+    outage = Outage()
+    while not stopping.is_set():
+        if outage.attempt(lambda: charge_and_deliver(app), stopping.wait) == 0:
+            stopping.wait(OUTBOXES_EVERY)
