@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from . import accounts, calls, processes, rates  # noqa: F401 - they register their commands
+from . import accounts, audit, calls, limits, notices, processes, rates  # noqa: F401 - they register their commands
 from .base import cli
 
 
