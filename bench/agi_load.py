@@ -58,6 +58,9 @@ from common import (  # noqa: E402
 )
 
 MIN_SLEEP = 0.001  # the generator's scheduling quantum (see Generator.run)
+# Limits no benchmark call reaches, so every check runs and none denies.
+FRAUD_CONTROLS = {"max_calls_per_minute": 10**6, "max_spend_per_hour": 10**15,
+                  "blocked_prefixes": "41900 882 881", "on_fraud": "block"}
 DRAIN_TIMEOUT = 10.0  # seconds to wait for the last calls after the schedule ends
 HEADERS_SCRIPT = "authorize"
 ALLOW = b'SET VARIABLE CALLGUARD_RESULT "ALLOW"'
@@ -416,6 +419,9 @@ def main() -> int:
                              "rate (2)")
     parser.add_argument("--max-error-rate", type=float, default=0.0,
                         help="find-max: fraction of errors still counted as sustained (0)")
+    parser.add_argument("--fraud-controls", action="store_true",
+                        help="callguard: every account with each fraud control set, none "
+                             "tripping (the authorize script's every check runs)")
     parser.add_argument("--lua", choices=("trivial", "authorize"), default="authorize",
                         help="redis target: which script each operation runs (authorize)")
     parser.add_argument("--client", choices=("pipelined", "redis-py"), default="pipelined",
@@ -463,7 +469,7 @@ def main() -> int:
         try:
             if args.target != "minimal":
                 t = time.perf_counter()
-                env.setup(accounts=args.accounts)
+                env.setup(accounts=args.accounts, **(FRAUD_CONTROLS if args.fraud_controls else {}))
                 print(f"# {args.accounts} accounts set up in {time.perf_counter() - t:.1f} s "
                       f"(prefix {env.prefix})")
             if args.target == "callguard":

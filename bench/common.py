@@ -84,9 +84,10 @@ class BenchEnv:
         return self._app
 
     def setup(self, accounts: int = 100, balance: int = BIG_BALANCE,
-              rate_per_min: int = 3_000_000) -> BenchEnv:
+              rate_per_min: int = 3_000_000, **values) -> BenchEnv:
         """Import a plan (premium 4190 at CHF 3.00/min, 1/1 by default; rate 0 makes calls
-        free) and create `accounts` prepaid accounts with `balance` and unlimited channels."""
+        free) and create `accounts` prepaid accounts with `balance` and unlimited channels
+        (and `values`: more account settings)."""
         from callguard import service
         from callguard.rating import Rate
 
@@ -98,7 +99,7 @@ class BenchEnv:
         for n in range(accounts):
             account = f"4144{n:07d}"
             _row, applied = service.create_account(app, account, opening_balance=balance,
-                                                   kind="prepaid", max_channels=0)
+                                                   kind="prepaid", max_channels=0, **values)
             if not applied.in_redis:
                 raise RuntimeError(f"account {account} booked but not in Redis: {applied.error}")
             self.accounts.append(account)

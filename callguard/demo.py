@@ -21,7 +21,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import service, sync
+from . import notify, service, sync
 from .adapters.asterisk import AsteriskAdapter
 from .adapters.freeswitch import FreeSWITCHAdapter
 from .books.database import upgrade
@@ -54,6 +54,9 @@ class Scenario:
     quota: int = 60
     speed: float = 10.0
     pbx: str = "asterisk"
+    # The second seed's controls: spend per hour counted from live calls, and on a
+    # suspicion, block the account and hang its calls up. None: credit alone bounds it.
+    max_spend_per_hour: int | None = 20_000_000
 
 
 @dataclass
@@ -68,6 +71,7 @@ class Outcome:
     balance: int
     books_agree: bool
     wall_seconds: float
+    notices: list[str]
 
     @property
     def overshoot(self) -> int:
@@ -96,6 +100,7 @@ async def run_fraud(app: service.App, sc: Scenario, progress=None) -> Outcome:
     setattr(sim, port_attr, adapter.port)
     await asyncio.wait_for(getattr(adapter, link).connected.wait(), 10)
     ticker = asyncio.ensure_future(_report(app, sim, progress)) if progress else None
+    worker = asyncio.ensure_future(_worker(app))
     try:
         calls = await asyncio.gather(*(sim.call(ACCOUNT, NUMBER, ring=sc.ring, talk=sc.talk)
                                        for _ in range(sc.calls)))
@@ -104,6 +109,7 @@ async def run_fraud(app: service.App, sc: Scenario, progress=None) -> Outcome:
                 break
             await asyncio.sleep(0.01)
     finally:
+        worker.cancel()
         if ticker:
             ticker.cancel()
         await adapter.stop()
@@ -122,7 +128,16 @@ async def run_fraud(app: service.App, sc: Scenario, progress=None) -> Outcome:
         unprotected=sc.calls * PREMIUM.cost(int(sc.talk)),
         balance=live["balance"], books_agree=agree and live["reserved"] == 0,
         wall_seconds=loop.time() - started,
+        notices=[n["type"] for n in await asyncio.to_thread(notify.notice_rows, app)],
     )
+
+
+async def _worker(app) -> None:
+    """What `callguard worker` does for the demo: books the engine's events as they come,
+    so a fraud block hangs the calls up while they run."""
+    while True:
+        await asyncio.to_thread(sync.drain, app, "demo")
+        await asyncio.sleep(0.05)
 
 
 async def _report(app, sim, progress, once: bool = False) -> None:
@@ -140,8 +155,10 @@ def prepare(app: service.App, sc: Scenario) -> None:
     upgrade(app.books.engine)
     service.import_plan(app, "default", "outbound", [PREMIUM])
     app.plans.replace(app.books.load_plans())
+    controls = ({"max_spend_per_hour": sc.max_spend_per_hour, "on_fraud": "block"}
+                if sc.max_spend_per_hour else {})
     service.create_account(app, ACCOUNT, opening_balance=sc.balance, kind="prepaid",
-                           max_channels=0)
+                           max_channels=0, email="fraud-demo@example.net", **controls)
 
 
 def cleanup(app: service.App) -> None:
@@ -183,5 +200,7 @@ def summary(o: Outcome) -> list[tuple[str, str, str]]:
         ("final balance", money(o.balance), money(sc.balance - o.unprotected)),
         ("setup latency median / p99",
          f"{statistics.median(setup):.1f} / {p99:.1f} ms", "-"),
+        ("notices", ", ".join(f"{n} {t}" for t, n in collections.Counter(o.notices).items())
+         or "none", "a mail after the bill"),
         ("books agree with Redis", "yes" if o.books_agree else "NO", "-"),
     ]

@@ -17,9 +17,10 @@ from callguard.engine.connect import ensure_embedded, socket_path, stop_embedded
 
 @pytest.mark.parametrize("pbx", ["asterisk", "freeswitch"])
 def test_demo_holds_the_bound_and_leaves_nothing_behind(redis_url, tmp_path, pbx):
+    """Credit alone bounds the loss (the fraud controls off)."""
     env = {"CALLGUARD_HOME": str(tmp_path / "home"), "CALLGUARD_REDIS_URL": redis_url}
-    result = CliRunner().invoke(cli, ["demo", "--speed", "10", "--pbx", pbx], env=env,
-                                catch_exceptions=False)
+    result = CliRunner().invoke(cli, ["demo", "--speed", "10", "--pbx", pbx,
+                                      "--no-fraud-controls"], env=env, catch_exceptions=False)
     assert result.exit_code == 0, result.output  # exit 1 above CHF 0.10 of loss
     lines = {line.split("  ")[0]: line for line in result.stdout.splitlines()}
     protected, unprotected = re.findall(r"CHF (\d+\.\d\d)", lines["loss beyond the CHF balance"])
@@ -27,6 +28,24 @@ def test_demo_holds_the_bound_and_leaves_nothing_behind(redis_url, tmp_path, pbx
     assert "17 / 13 (13 NO_FUNDS)" in lines["calls allowed / denied"]
     assert "yes" in lines["books agree with Redis"]
     assert not (tmp_path / "home").exists()  # its books and keys were temporary
+    assert "exhausted" in lines["notices"]
+
+
+@pytest.mark.parametrize("pbx", ["asterisk", "freeswitch"])
+def test_demo_trips_the_fraud_controls_and_hangs_the_calls_up(redis_url, tmp_path, pbx):
+    """The spend-per-hour limit counts what live calls hold: 6 calls at CHF 3.00 a slice,
+    the seventh is refused, the account blocked and the 6 hung up, charged their ring-free
+    seconds only."""
+    env = {"CALLGUARD_HOME": str(tmp_path / "home"), "CALLGUARD_REDIS_URL": redis_url}
+    result = CliRunner().invoke(cli, ["demo", "--speed", "10", "--pbx", pbx], env=env,
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    lines = {line.split("  ")[0]: line for line in result.stdout.splitlines()}
+    assert "6 / 24 (23 BLOCKED, 1 VELOCITY_LIMIT)" in lines["calls allowed / denied"]
+    assert "1 fraud_suspected" in lines["notices"] and "1 blocked" in lines["notices"]
+    charged = re.findall(r"CHF (\d+\.\d\d)", lines["charged"])[0]
+    assert Decimal(charged) < Decimal("18.00")  # hung up long before their first slice ended
+    assert "yes" in lines["books agree with Redis"]
 
 
 def test_embedded_redis_is_shared_by_processes_and_keeps_its_data(tmp_path):

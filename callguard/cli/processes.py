@@ -136,9 +136,12 @@ def rebuild(ctx, yes):
               help="How much faster than wall time the simulated PBX runs.")
 @click.option("--pbx", type=click.Choice(["asterisk", "freeswitch"]), default="asterisk",
               show_default=True, help="Which PBX to simulate (and which adapter to run).")
+@click.option("--fraud-controls/--no-fraud-controls", default=True, show_default=True,
+              help="Give the account a CHF 20.00 spend-per-hour limit that blocks it on a "
+                   "suspicion; without, its credit alone bounds the loss.")
 @click.pass_context
 @refusals
-def demo(ctx, calls, speed, pbx):
+def demo(ctx, calls, speed, pbx, fraud_controls):
     """See callguard stop a fraud: 30 simultaneous premium calls on CHF 50 of credit.
 
     Starts the real `serve asterisk` (or `serve freeswitch`) and a simulated PBX that
@@ -156,9 +159,13 @@ def demo(ctx, calls, speed, pbx):
 
     app, tmp = scenario.throwaway_app(app_of(ctx).settings)
     sc = scenario.Scenario(calls=calls, speed=speed, pbx=pbx)
+    if not fraud_controls:
+        sc.max_spend_per_hour = None
+    controls = (f", may spend {scenario.money(sc.max_spend_per_hour)} an hour and is blocked "
+                "on a fraud suspicion" if sc.max_spend_per_hour else "")
     click.echo(f"A hacked PBX places {calls} simultaneous calls to a CHF 3.00/min premium "
-               f"number;\nthe prepaid account holds {scenario.money(sc.balance)}. PBX time runs "
-               f"{speed:g}x faster than wall time.\n")
+               f"number;\nthe prepaid account holds {scenario.money(sc.balance)}{controls}. "
+               f"PBX time runs {speed:g}x faster than wall time.\n")
 
     def progress(snap, active, cut, pbx_seconds):
         click.echo(f"  t={pbx_seconds:6.1f}s  balance {scenario.money(snap['balance']):>12}  "
