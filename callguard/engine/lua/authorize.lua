@@ -29,7 +29,8 @@ if cur[2] == 'auth' or cur[2] == 'ans' then
 end
 
 a = redis.call('HMGET', acct, 'balance', 'credit', 'reserved', 'channels', 'max_channels',
-  'cps', 'cps_s', 'cps_n', 'lv', 'cpm', 'cpm_m', 'cpm_n', 'vmax', 'bp', 'fd_m', 'fd_n', 'fz')
+  'cps', 'cps_s', 'cps_n', 'lv', 'cpm', 'cpm_m', 'cpm_n', 'vmax', 'bp', 'fd_m', 'fd_n', 'fz',
+  'warn', 'tpb', 'tp', 'kind', 'vh', 'vs', 'vp')
 local balance, credit, reserved = num(a[1]), num(a[2]), num(a[3])
 local r, cf, i, s = num(ARGV[9]), num(ARGV[10]), num(ARGV[11]), num(ARGV[12])
 local minute = idiv(now, 60000)
@@ -74,7 +75,7 @@ local grant = slice_target(0, num(ARGV[14]), i, s)
 if grant > maxsec then grant = maxsec end
 local hold = cost_of(grant, r, cf)
 local vmax = num(a[13])
-if vmax > 0 and spent_last_hour(acct, now, reserved) + hold > vmax then
+if vmax > 0 and spent_last_hour({a[22], a[23], a[24]}, now, reserved) + hold > vmax then
   local hour = idiv(now, HOUR)
   if num(a[17]) ~= hour then
     redis.call('HSET', acct, 'fz', hour)
@@ -94,5 +95,6 @@ redis.call('HSET', sess, 'n', n, 'st', 'auth', 'acct', ARGV[2], 'ch', ARGV[3], '
   's', s, 'g', grant, 'hold', hold, 'fin', 0, 'mx', maxsec, 'bl', ARGV[19])
 -- Not answered by the time the PBX's own timeout has ended it: the sweeper frees it.
 redis.call('ZADD', live, now + (ring_s + grant + grace_s + stale_s) * 1000, member)
-watch(acct, events, ARGV[2], false, false)
+watch(acct, events, ARGV[2], false, false,
+  {balance, credit, reserved + hold, a[18], a[9], a[19], a[20], a[21]})
 return {1, 'OK', member .. '/' .. n, grant, maxsec, ''}

@@ -85,9 +85,10 @@ end
 -- only money arriving (`arrived`: a top-up, a payment, new settings) lowers it, so reservations coming
 -- and going never repeat a warning. The auto top-up threshold works the same way: one
 -- request per crossing, re-armed by money arriving above it or by new settings.
-local function watch(acct, events, account, arrived, ran_out)
-  local m = redis.call('HMGET', acct, 'balance', 'credit', 'reserved', 'warn', 'lv', 'tpb', 'tp',
-    'kind')
+-- `m`: the caller's reading of WATCHED, when it has one.
+local WATCHED = {'balance', 'credit', 'reserved', 'warn', 'lv', 'tpb', 'tp', 'kind'}
+local function watch(acct, events, account, arrived, ran_out, m)
+  m = m or redis.call('HMGET', acct, unpack(WATCHED))
   local avail = num(m[1]) + num(m[2]) - num(m[3])
   local was, level = num(m[5]), 0
   if ran_out or avail < CENT then level = 2 elseif avail < num(m[4]) then level = 1 end
@@ -135,8 +136,7 @@ end
 
 -- Spend of the last hour (a sliding window over two hourly buckets of finished calls'
 -- cost), plus what live calls hold.
-local function spent_last_hour(acct, now, reserved)
-  local v = redis.call('HMGET', acct, 'vh', 'vs', 'vp')
+local function spent_last_hour(v, now, reserved)  -- v: the account's vh, vs, vp
   local hour = idiv(now, HOUR)
   local cur, prev = num(v[2]), num(v[3])
   if num(v[1]) ~= hour then
