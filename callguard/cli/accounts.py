@@ -86,6 +86,17 @@ def account_text(data: dict) -> str:
         lines += [f"outstanding {money('outstanding')}", f"credit      {money('credit_limit')}"]
     lines += [f"reserved    {money('reserved')}", f"available   {money('available')}",
               f"channels    {data['channels']} of {data['max_channels'] or 'unlimited'}"]
+    if data["auto_topup"]:
+        lines.append(f"auto top-up {data['auto_topup']['amount']} {cur} when below "
+                     f"{data['auto_topup']['below']} {cur}")
+    controls = [f"{data['max_calls_per_minute']} calls/min"] if data["max_calls_per_minute"] \
+        else []
+    if data["max_spend_per_hour"]:
+        controls.append(f"{money('max_spend_per_hour')}/hour")
+    if data["blocked_prefixes"]:
+        controls.append("blocked " + " ".join(data["blocked_prefixes"]))
+    if controls:
+        lines.append(f"fraud       {', '.join(controls)}; on fraud: {data['on_fraud']}")
     return "\n".join(lines)
 
 
