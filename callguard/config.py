@@ -7,6 +7,7 @@ import re
 import tomllib
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
+from urllib.parse import urlsplit
 
 NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,63}")
 POLICIES = ("fail_closed", "fail_open")
@@ -62,6 +63,16 @@ class Settings:
             raise ConfigError(f"node name {self.node!r}: 1-64 letters, digits and . _ : @ -")
         for name in ("agi_bind", "esl_bind", "http_bind"):
             split_hostport(getattr(self, name))
+        for name in ("webhook_url", "payment_url"):
+            if getattr(self, name):
+                check_http_url(f"CALLGUARD_{name.upper()}", getattr(self, name))
+        if self.smtp_url:
+            from .notify import parse_smtp_url  # the worker's: only when mail is configured
+
+            try:
+                parse_smtp_url(self.smtp_url)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
         return self
 
 
@@ -120,3 +131,19 @@ def split_hostport(text: str) -> tuple[str, int]:
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ConfigError(f"expected HOST:PORT, not {text!r}")
     return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def check_http_url(name: str, url: str) -> None:
+    """An http(s) URL a client can use; the message never repeats it (it may carry a
+    password)."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises for a bad port
+        ok = parts.scheme in ("http", "https") and bool(parts.hostname)
+        if ok:
+            parts.hostname.encode("idna")
+    except (ValueError, UnicodeError):
+        ok = False
+    if not ok:
+        raise ConfigError(f"{name} must be an http:// or https:// URL with a valid host "
+                          "and port")

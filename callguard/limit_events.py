@@ -7,12 +7,31 @@ from __future__ import annotations
 
 from sqlalchemy.orm import Session
 
-from .books.models import Account, RedisOutbox
+from .books.models import Account, RedisOutbox, as_utc
 from .books.notices import add_notice
 from .engine import state
 
 NOTICES = {"low_balance", "exhausted", "credit_warning", "credit_limit", "unblocked"}
 EVENTS = NOTICES | {"topup", "fraud_suspected"}
+
+
+# What the engine's rule names mean, for the customer's notice.
+REASONS = {
+    "velocity_limit": "calls in the last hour would cost more than the account's hourly "
+                      "spending limit",
+    "channel_limit": "calls were refused again and again at the account's limit of "
+                     "simultaneous calls",
+    "rate_limit": "calls were attempted faster than the account's limit allows, again and "
+                  "again",
+}
+
+
+def _unblocked_since(row: Account, entry_id: str) -> bool:
+    """An operator unblocked the account after the engine blocked it (the stream entry's
+    id is the Redis time it was written, in ms): the operator's word stands."""
+    if row.unblocked_at is None:
+        return False
+    return as_utc(row.unblocked_at).timestamp() * 1000 >= int(entry_id.split("-")[0])
 
 
 def money_facts(row: Account, fields: dict) -> dict:
@@ -48,13 +67,13 @@ def book(db: Session, events: list[tuple[str, dict]]) -> set[str]:
 
             request_topup(db, row, key)
         else:
-            add_notice(db, key, row, "fraud_suspected", reason=fields.get("reason", ""),
-                       **money_facts(row, fields))
-            if row.on_fraud == "block":
+            why = REASONS.get(fields.get("reason", ""), fields.get("reason", ""))
+            add_notice(db, key, row, "fraud_suspected", reason=why, **money_facts(row, fields))
+            if row.on_fraud == "block" and not _unblocked_since(row, entry_id):
                 if row.status != "blocked":
                     # The engine blocked it in Redis already: the books follow.
                     row.status = "blocked"
-                    row.block_reason = f"fraud suspected: {fields.get('reason', '')}"[:200]
+                    row.block_reason = f"fraud suspected: {why}"[:200]
                     db.add(RedisOutbox(account=account))
                     add_notice(db, f"blocked:{account}:{entry_id}", row, "blocked",
                                reason=row.block_reason, **money_facts(row, fields))

@@ -8,10 +8,11 @@ CALLGUARD_WEBHOOK_URL is set. With neither it is *kept*: never attempted, never 
 and delivered as soon as a channel is configured.
 
 Delivery is at least once, with one stable id: the notice key is the webhook's `id` and
-the mail's Message-ID, on every attempt. A notice is claimed before it is sent (a
-conditional UPDATE that also sets `next_attempt_at` a lease ahead, so two workers never
-both take it, and one killed after claiming leaves it to be retried when the lease ends);
-each channel is marked in its own transaction as soon as it took the notice, so a retry
+the mail's Message-ID, on every attempt. A pass's notices are claimed before they are sent,
+in one transaction (a conditional UPDATE per notice that also sets `next_attempt_at` a
+lease ahead, so two workers never both take one, and one killed after claiming leaves
+them to be retried when the lease ends); a channel that took the notice is marked before
+the next channel is tried, the last one with the notice's own final write, so a retry
 never repeats a channel that has it. What remains: a worker killed after the receiver
 took the notice and before the mark was written sends it again after the lease (and a
 kept SMTP connection that drops after the DATA is sent is opened again and the mail sent
@@ -178,7 +179,7 @@ def _deliver(app, couriers: Couriers, notice: Notification, email: str | None,
     done = {"mail": notice.mail_sent_at, "webhook": notice.webhook_sent_at}
     todo = [c for c in wanted if done[c] is None]
     errors, permanent, taken = [], False, {}
-    for channel in todo:
+    for n, channel in enumerate(todo):
         try:
             if channel == "mail":
                 couriers.mail(notice, email)
@@ -188,9 +189,10 @@ def _deliver(app, couriers: Couriers, notice: Notification, email: str | None,
             errors.append(f"{channel}: {exc}")
             permanent |= exc.permanent
             continue
-        taken[f"{channel}_sent_at"] = now
-    # One write for the notice, whatever its channels did: killed before it, the channels
-    # that took it get it again, with the same id.
+        if n < len(todo) - 1:  # marked before the next channel's wait, however long
+            _set(app, notice.id, **{f"{channel}_sent_at": now})
+        else:  # the last one goes with the notice's own write below
+            taken[f"{channel}_sent_at"] = now
     if not errors:
         _set(app, notice.id, **taken, sent_at=now, next_attempt_at=None)
         return "sent"
@@ -363,6 +365,8 @@ class Couriers:
             raise DeliveryError(f"no answer within {self.timeout:g} s") from None
         except httpx.HTTPError as exc:
             raise DeliveryError(_describe(exc)) from None
+        except (httpx.InvalidURL, ValueError, UnicodeError):  # the setting, not the notice
+            raise DeliveryError("CALLGUARD_WEBHOOK_URL is not a usable URL") from None
         if not 200 <= reply.status_code < 300:
             code = reply.status_code
             raise DeliveryError(f"HTTP {code} {reply.reason_phrase}".strip(),

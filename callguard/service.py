@@ -19,7 +19,7 @@ from sqlalchemy import delete, update
 from . import nodes
 from .books.database import make_engine
 from .books.ledger import Booking, Books, BooksError
-from .books.models import Account, RedisOutbox
+from .books.models import Account, RedisOutbox, utcnow
 from .config import Settings
 from .engine import state
 from .engine.connect import connect, resolve_url
@@ -128,7 +128,8 @@ def _apply_one(app: App, row_id: int, account_id: str, entry: int | None,
     return True
 
 
-def _apply_now(app: App, account: str) -> Applied:
+def apply_now(app: App, account: str) -> Applied:
+    """Apply what the books hold for `account` now, or say why Redis must wait."""
     try:
         return Applied(True, apply_outbox(app, account))
     except (redis.RedisError, OSError, BooksError) as exc:
@@ -146,7 +147,7 @@ def create_account(app: App, account_id: str, opening_balance: int = 0,
     check_auto_topup(Account(id=account_id, kind=values.get("kind")), values,
                      app.settings.payment_url)
     row = app.books.create_account(account_id, opening_balance, **values)
-    return row, _apply_now(app, account_id)
+    return row, apply_now(app, account_id)
 
 
 def update_account(app: App, account_id: str, block=(), unblock=(),
@@ -161,9 +162,11 @@ def update_account(app: App, account_id: str, block=(), unblock=(),
         raise BooksError(f"account {account_id} is prepaid: it has no credit limit")
     if block or unblock:
         changes["blocked_prefixes"] = blocked_prefixes(row.blocked_prefixes, block, unblock)
+    if changes.get("status") == "active":
+        changes.setdefault("unblocked_at", utcnow())  # lifts an engine fraud block too
     check_auto_topup(row, changes, app.settings.payment_url)
     row = app.books.update_account(account_id, **changes)
-    return row, _apply_now(app, account_id)
+    return row, apply_now(app, account_id)
 
 
 def blocked_prefixes(current: str, block, unblock) -> str:
@@ -214,7 +217,7 @@ def move_money(app: App, account_id: str, kind: str, amount: int,
         raise BooksError("amount must be greater than zero")
     booking = app.books.book(account_id, kind, amount, movement_key(kind, account_id, ref),
                              reference=ref)
-    return booking, _apply_now(app, account_id)
+    return booking, apply_now(app, account_id)
 
 
 def movement_key(kind: str, account: str, ref: str | None) -> str:

@@ -343,12 +343,13 @@ def rebuild(app: App) -> int:
                            if f.get("session", "").startswith(account_id + "/")})
             booked = list(db.scalars(select(Cdr.session).where(Cdr.session.in_(mine)))) \
                 if mine else []
-            state.push_account(app.engine, row)
             app.engine.script(
                 "restore",
                 [keys.account(account_id), keys.events(shard), keys.dead(shard),
                  *(keys.marker(account_id, e) for e in pending)],
                 [row.balance, account_id + "/", *booked])
+            # After the balance: the settings then see the account's money as it stands.
+            state.push_account(app.engine, row)
         count += 1
     r.set(keys.plans_version, version_stamp(app))
     return count

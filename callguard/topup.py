@@ -105,7 +105,10 @@ def _handle(app: service.App, client: httpx.Client, url: str, topup_id: int,
     if row.attempts == 0:
         why = _unwanted(app, acct, row)
         if why:
-            return _end(app, row, now, "skipped", why, unclaimed)
+            ended = _end(app, row, now, "skipped", why, unclaimed)
+            # Re-armed: the next crossing below the threshold asks again.
+            app.redis.hdel(app.keys.account(acct.id), "tp")
+            return ended
     elif now - as_utc(row.created_at) >= GIVE_UP:
         log.error("auto top-up %s: no answer from the payment provider since %s; given up "
                   "(if the provider charged it, book it by hand)", row.key, row.created_at)
@@ -141,6 +144,8 @@ def _unwanted(app: service.App, acct: Account, row: AutoTopup) -> str:
     live = state.account_state(app.redis, app.keys, acct.id)
     if live is None:
         return "the account is not in Redis"
+    if acct.status == "blocked" or int(live.get("fb") or 0) > int(live.get("ub") or 0):
+        return "the account is blocked"  # a hacked account is not refilled from the card
     if live["available"] >= acct.auto_topup_below:
         return f"available credit {format_display(live['available'])} is not below " \
                f"{format_display(acct.auto_topup_below)} any more"
@@ -154,7 +159,7 @@ def _send(client: httpx.Client, url: str, row: AutoTopup) -> tuple[str, str]:
             "reference": row.key}
     try:
         reply = client.post(url, json=body, headers={"Idempotency-Key": row.key})
-    except (httpx.HTTPError, httpx.InvalidURL) as exc:
+    except (httpx.HTTPError, httpx.InvalidURL, ValueError, UnicodeError) as exc:
         return "retry", _line(_redact(f"{type(exc).__name__}: {exc}", url))
     if reply.status_code != 200:
         return "retry", f"the payment provider answered HTTP {reply.status_code}"
@@ -184,7 +189,7 @@ def _book(app: service.App, row: AutoTopup, provider_id: str, now: datetime) -> 
         add_notice(db, f"{row.key}:succeeded", acct, "topup_succeeded", at=now,
                    amount=row.amount, balance=acct.balance, provider_id=provider_id)
     log.info("auto top-up %s: %s %s booked", row.key, row.currency, format_display(row.amount))
-    applied = service._apply_now(app, row.account)
+    applied = service.apply_now(app, row.account)
     if not applied.in_redis:
         log.warning("auto top-up %s is booked; Redis gets it later (%s)", row.key,
                     applied.error)

@@ -16,13 +16,16 @@ import redis
 from . import nodes, notify, service, topup
 from .books.ledger import BooksError
 from .engine import state
+from .logs import Throttled
 from .sync import Drain, Outage
 
 log = logging.getLogger(__name__)
+_warn_outboxes = Throttled(log, logging.ERROR, interval=300.0)
 
 CLAIM_EVERY = 10.0  # look for entries a dead worker left, this often
 SWEEP_EVERY = 5.0
 OUTBOXES_EVERY = 1.0  # auto top-ups to charge, notices to deliver
+OUTBOXES_FAILED = 30.0
 
 
 def run(app: service.App, node: str, once: bool = False, idle: float = 0.2) -> None:
@@ -65,7 +68,11 @@ def run(app: service.App, node: str, once: bool = False, idle: float = 0.2) -> N
             if busy is None:
                 continue
             if once and not busy:
-                outage.attempt(lambda: charge_and_deliver(app), lambda _delay: None)
+                try:
+                    outage.attempt(lambda: charge_and_deliver(app), lambda _delay: None)
+                except Exception as exc:  # noqa: BLE001 - one line; the details at -vv
+                    log.error("top-ups and notices: %s", exc, exc_info=log.isEnabledFor(
+                        logging.DEBUG))
                 return
             if not busy:
                 time.sleep(idle)
@@ -107,5 +114,13 @@ def outboxes(app: service.App, stopping: threading.Event) -> None:
     block's hang-up)."""
     outage = Outage()
     while not stopping.is_set():
-        if outage.attempt(lambda: charge_and_deliver(app), stopping.wait) == 0:
+        try:
+            busy = outage.attempt(lambda: charge_and_deliver(app), stopping.wait)
+        except Exception as exc:  # noqa: BLE001 - a bad notice or setting must not end it
+            _warn_outboxes("top-ups and notices: %s; trying again every %d s", exc,
+                           int(OUTBOXES_FAILED))
+            log.debug("top-ups and notices", exc_info=True)
+            stopping.wait(OUTBOXES_FAILED)
+            continue
+        if busy == 0:
             stopping.wait(OUTBOXES_EVERY)

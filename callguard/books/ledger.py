@@ -234,7 +234,9 @@ class Books:
         for cdr in new:
             charges[cdr["account"]] = charges.get(cdr["account"], 0) + cdr["cost"]
         for account_id in sorted(a for a, total in charges.items() if total):
-            # Accounts in one order: two workers never wait on each other in a circle.
+            # Accounts in one order, so two workers rarely wait on each other in a circle
+            # (the limit events booked after them may lock accounts again: a deadlock
+            # PostgreSQL then breaks is retried as an outage, nothing lost).
             self._move_balance(db, account_id, -charges[account_id])
         db.execute(insert(Cdr), new)
         entries = [{"account": c["account"], "kind": "call_charge", "amount": -c["cost"],

@@ -96,6 +96,8 @@ class Account(Base):
     max_spend_per_hour: Mapped[int] = mapped_column(BigInteger, default=0)
     blocked_prefixes: Mapped[str] = mapped_column(String(2000), default="")  # space-separated
     on_fraud: Mapped[str] = mapped_column(String(8), default="notify")  # notify | block
+    # The last operator unblock: an engine fraud block from before it no longer holds.
+    unblocked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), default=utcnow, onupdate=utcnow

@@ -36,7 +36,3 @@ def add_notice(db: Session, key: str, row: Account, type: str, at: datetime | No
                         payload=json.dumps(payload, sort_keys=True)))
     db.flush()
     return True
-
-
-def at_ms(ms: int) -> datetime:
-    return datetime.fromtimestamp(ms / 1000, UTC)

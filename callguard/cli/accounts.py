@@ -59,6 +59,7 @@ def account_json(app: service.App, row) -> dict:
 
 
 # The engine's limit level (common.lua `watch`): 2 blocks calls both ways until money arrives.
+CENT = 10_000  # less available than this is nothing (common.lua)
 LIMIT_STATES = {"0": "ok", "1": "warned", "2": "exhausted"}
 
 
@@ -229,9 +230,18 @@ def account_set(ctx, account_id, block_prefix, unblock_prefix, **options):
     row, applied = service.update_account(app, account_id, block=block_prefix,
                                           unblock=unblock_prefix, **changes)
     done = f"updated account {account_id}: {', '.join(sorted(changes) or ['blocked prefixes'])}"
+    if "credit_limit" in changes and applied.in_redis and _no_credit(app, account_id):
+        done += (f"\n{account_id} now has no credit left under its limit: it is blocked "
+                 "both ways (NO_FUNDS) until a payment")
     if block_prefix or unblock_prefix:
         done += f"; blocked prefixes: {row.blocked_prefixes or 'none'}"
     report(applied, done)
+
+
+def _no_credit(app: service.App, account_id: str) -> bool:
+    """Refused both ways for want of money (the engine's automatic block)."""
+    live = state.account_state(app.redis, app.keys, account_id) or {}
+    return live.get("lv") == "2" or live.get("available", CENT) < CENT
 
 
 def _limit_state(app: service.App, account_id: str) -> str | None:
@@ -330,6 +340,10 @@ def account_unblock(ctx, account_id):
     Example:
       callguard account unblock 41441234567
     """
-    _, applied = service.update_account(app_of(ctx), account_id, status="active",
-                                        block_reason=None)
-    report(applied, f"unblocked {account_id}")
+    app = app_of(ctx)
+    _, applied = service.update_account(app, account_id, status="active", block_reason=None)
+    done = f"unblocked {account_id}"
+    if applied.in_redis and _no_credit(app, account_id):
+        done += ("; it has no credit left: calls are refused (NO_FUNDS) until a "
+                 "top-up or payment")
+    report(applied, done)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import redis
 
+from ..books.models import as_utc
 from .core import LAYOUT, SHARDS, Keys, shard_of
 
 GROUP = "books"  # the worker's consumer group on every shard's event stream
@@ -52,6 +53,7 @@ def account_fields(row) -> dict[str, str | int]:
         "vmax": row.max_spend_per_hour or 0,
         "bp": row.blocked_prefixes or "",
         "fraud": row.on_fraud or "notify",
+        "ub": int(as_utc(row.unblocked_at).timestamp() * 1000) if row.unblocked_at else 0,
     }
 
 

@@ -28,43 +28,48 @@ if cur[2] == 'auth' or cur[2] == 'ans' then
   finish(acct, sess, live, events, member, now, '', 'superseded', 'reported', grace_s, '')
 end
 
-a = redis.call('HMGET', acct, 'balance', 'credit', 'reserved', 'channels', 'max_channels',
-  'cps', 'cps_s', 'cps_n', 'lv', 'cpm', 'cpm_m', 'cpm_n', 'vmax', 'bp', 'fd_m', 'fd_n', 'fz',
-  'warn', 'tpb', 'tp', 'kind', 'vh', 'vs', 'vp')
-local balance, credit, reserved = num(a[1]), num(a[2]), num(a[3])
+a = fields(acct, {'balance', 'credit', 'reserved', 'channels', 'max_channels', 'cps', 'cps_s',
+  'cps_n', 'cpm', 'cpm_m', 'cpm_n', 'vmax', 'vh', 'vs', 'vp', 'fz', 'bp', 'fd_m', 'fd_n', 'fb',
+  'ub', 'warn', 'lv', 'tpb', 'tp', 'kind'})
+a.status = status
+local balance, credit, reserved = num(a.balance), num(a.credit), num(a.reserved)
 local r, cf, i, s = num(ARGV[9]), num(ARGV[10]), num(ARGV[11]), num(ARGV[12])
 local minute = idiv(now, 60000)
+local outbound = direction == 'outbound'
 
 local function deny(reason) return {0, reason, '', 0, 0, ''} end
--- A hacked PBX shows as calls hitting the channel cap or the rate limits again and again.
+-- A hacked PBX shows as outbound calls hitting the channel cap or the rate limits again
+-- and again (callers ringing a busy customer are not the customer's doing).
 local function strike(reason)
-  local count = ((num(a[15]) == minute) and num(a[16]) or 0) + 1
-  redis.call('HSET', acct, 'fd_m', minute, 'fd_n', count)
-  if count == STRIKES then suspect(acct, events, ARGV[2], string.lower(reason)) end
+  if outbound then
+    local count = ((num(a.fd_m) == minute) and num(a.fd_n) or 0) + 1
+    redis.call('HSET', acct, 'fd_m', minute, 'fd_n', count)
+    if count == STRIKES then suspect(acct, events, ARGV[2], string.lower(reason)) end
+  end
   return deny(reason)
 end
-if status == 'blocked' then return deny('BLOCKED') end
+if is_blocked(a) then return deny('BLOCKED') end
 -- The seeds' automatic block: with nothing left, no calls either way until money arrives.
-if num(a[9]) == 2 or balance + credit - reserved < CENT then return deny('NO_FUNDS') end
-if a[14] and a[14] ~= '' then  -- the account's own blocked prefixes, rated or not
-  for p in string.gmatch(a[14], '%S+') do
+if num(a.lv) == 2 or balance + credit - reserved < CENT then return deny('NO_FUNDS') end
+if outbound and a.bp and a.bp ~= '' then  -- the account's own blocked prefixes, rated or not
+  for p in string.gmatch(a.bp, '%S+') do
     if string.sub(destination, 1, #p) == p then return deny('DEST_BLOCKED') end
   end
 end
 if ARGV[7] == '0' then return deny('NO_RATE') end
 if ARGV[13] == '1' then return deny('DEST_BLOCKED') end
-local max_channels = num(a[5])
-if max_channels > 0 and num(a[4]) >= max_channels then return strike('CHANNEL_LIMIT') end
-local cps = num(a[6])
+local max_channels = num(a.max_channels)
+if max_channels > 0 and num(a.channels) >= max_channels then return strike('CHANNEL_LIMIT') end
+local cps = num(a.cps)
 if cps > 0 then
   local second = idiv(now, 1000)
-  local count = (num(a[7]) == second) and num(a[8]) or 0
+  local count = (num(a.cps_s) == second) and num(a.cps_n) or 0
   if count >= cps then return strike('RATE_LIMIT') end
   redis.call('HSET', acct, 'cps_s', second, 'cps_n', count + 1)
 end
-local cpm = num(a[10])
+local cpm = num(a.cpm)
 if cpm > 0 then
-  local count = (num(a[11]) == minute) and num(a[12]) or 0
+  local count = (num(a.cpm_m) == minute) and num(a.cpm_n) or 0
   if count >= cpm then return strike('RATE_LIMIT') end
   redis.call('HSET', acct, 'cpm_m', minute, 'cpm_n', count + 1)
 end
@@ -74,11 +79,10 @@ if maxsec < 0 then return deny('NO_FUNDS') end
 local grant = slice_target(0, num(ARGV[14]), i, s)
 if grant > maxsec then grant = maxsec end
 local hold = cost_of(grant, r, cf)
-local vmax = num(a[13])
-if vmax > 0 and spent_last_hour({a[22], a[23], a[24]}, now, reserved) + hold > vmax then
-  local hour = idiv(now, HOUR)
-  if num(a[17]) ~= hour then
-    redis.call('HSET', acct, 'fz', hour)
+local vmax = num(a.vmax)
+if vmax > 0 and spent_last_hour(a, now, reserved) + hold > vmax then
+  if num(a.fz) ~= idiv(now, HOUR) then  -- said once an hour
+    redis.call('HSET', acct, 'fz', idiv(now, HOUR))
     suspect(acct, events, ARGV[2], 'velocity_limit')
   end
   return deny('VELOCITY_LIMIT')
@@ -95,6 +99,6 @@ redis.call('HSET', sess, 'n', n, 'st', 'auth', 'acct', ARGV[2], 'ch', ARGV[3], '
   's', s, 'g', grant, 'hold', hold, 'fin', 0, 'mx', maxsec, 'bl', ARGV[19])
 -- Not answered by the time the PBX's own timeout has ended it: the sweeper frees it.
 redis.call('ZADD', live, now + (ring_s + grant + grace_s + stale_s) * 1000, member)
-watch(acct, events, ARGV[2], false, false,
-  {balance, credit, reserved + hold, a[18], a[9], a[19], a[20], a[21]})
+a.reserved = reserved + hold
+watch(acct, events, ARGV[2], false, a)
 return {1, 'OK', member .. '/' .. n, grant, maxsec, ''}

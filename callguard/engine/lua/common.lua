@@ -66,40 +66,61 @@ local function slice_target(granted, quota, i, s)
   return granted + steps * s
 end
 
--- Account money fields as numbers: balance, credit limit, reserved.
-local function available(acct_key)
-  local m = redis.call('HMGET', acct_key, 'balance', 'credit', 'reserved')
-  return num(m[1]) + num(m[2]) - num(m[3])
+-- A hash's fields by name: HMGET of `names`, as a table keyed by them.
+local function fields(key, names)
+  local values, t = redis.call('HMGET', key, unpack(names)), {}
+  for k, name in ipairs(names) do t[name] = values[k] end
+  return t
 end
 
 -- An engine event for the worker to book (a notice, an auto top-up, a fraud suspicion),
--- with the account's money as it stood: m = {balance, credit, reserved}.
+-- with the account's money as it stood.
 local function emit(events, event, account, m, reason)
   redis.call('XADD', events, '*', 'type', 'limit', 'event', event, 'acct', account,
-    'bal', num(m[1]), 'credit', num(m[2]), 'res', num(m[3]), 'reason', reason or '')
+    'bal', num(m.balance), 'credit', num(m.credit), 'res', num(m.reserved),
+    'reason', reason or '')
 end
 
--- The account's limit level after its money moved: 0 fine, 1 warned (available below
--- `warn`), 2 exhausted (less than a cent available, or a call's slice cut short for lack
--- of credit: `ran_out`), which blocks new calls both ways. Each rise is announced once;
--- only money arriving (`arrived`: a top-up, a payment, new settings) lowers it, so reservations coming
--- and going never repeat a warning. The auto top-up threshold works the same way: one
--- request per crossing, re-armed by money arriving above it or by new settings.
--- `m`: the caller's reading of WATCHED, when it has one.
-local WATCHED = {'balance', 'credit', 'reserved', 'warn', 'lv', 'tpb', 'tp', 'kind'}
-local function watch(acct, events, account, arrived, ran_out, m)
-  m = m or redis.call('HMGET', acct, unpack(WATCHED))
-  local avail = num(m[1]) + num(m[2]) - num(m[3])
-  local was, level = num(m[5]), 0
-  if ran_out or avail < CENT then level = 2 elseif avail < num(m[4]) then level = 1 end
-  if not m[5] then
-    -- First sight (a new account's opening balance, a rebuilt Redis): no crossing to tell.
-    redis.call('HSET', acct, 'lv', level)
-    return
+-- Blocked by the operator (status, from the books) or by the engine on a fraud suspicion
+-- (fb: when; it holds until an operator unblock after it, ub).
+local function is_blocked(a)
+  return a.status == 'blocked' or num(a.fb) > num(a.ub)
+end
+
+-- One auto top-up request per crossing below the threshold (tp: asked, not answered);
+-- re-armed by money arriving above it, by new settings, or by the worker finding the
+-- request no longer wanted.
+local function watch_topup(acct, events, account, arrived, m, avail)
+  local below = num(m.tpb)
+  if below == 0 then return end
+  if avail < below then
+    if m.tp ~= '1' then
+      redis.call('HSET', acct, 'tp', 1)
+      emit(events, 'topup', account, m)
+    end
+  elseif arrived and m.tp == '1' then
+    redis.call('HDEL', acct, 'tp')
   end
+end
+
+-- The account's limit level after its money moved: 0 fine, 1 warned (available credit
+-- below `warn`), 2 exhausted (less than a cent left once its calls are paid: blocks new
+-- calls both ways until money arrives). Each rise is announced once; only money arriving
+-- (`arrived`: a top-up, a payment, new settings) lowers it, so reservations coming and
+-- going never repeat a warning. `m`: the caller's reading of WATCHED, when it has one.
+local WATCHED = {'balance', 'credit', 'reserved', 'warn', 'lv', 'tpb', 'tp', 'kind'}
+local function watch(acct, events, account, arrived, m)
+  m = m or fields(acct, WATCHED)
+  local funds = num(m.balance) + num(m.credit)
+  local avail = funds - num(m.reserved)
+  local level = 0
+  if funds < CENT then level = 2 elseif avail < num(m.warn) then level = 1 end
+  local was = num(m.lv)
   local event = nil
-  if level > was then
-    if m[8] == 'postpaid' then
+  if not m.lv then
+    was = level  -- first sight (an opening balance, a rebuilt Redis): no crossing to tell
+  elseif level > was then
+    if m.kind == 'postpaid' then
       event = (level == 2) and 'credit_limit' or 'credit_warning'
     else
       event = (level == 2) and 'exhausted' or 'low_balance'
@@ -109,52 +130,46 @@ local function watch(acct, events, account, arrived, ran_out, m)
   else
     level = was
   end
-  if level ~= was then redis.call('HSET', acct, 'lv', level) end
+  if level ~= was or not m.lv then redis.call('HSET', acct, 'lv', level) end
   if event then emit(events, event, account, m) end
-  local below = num(m[6])
-  if below > 0 then
-    if avail < below then
-      if m[7] ~= '1' then
-        redis.call('HSET', acct, 'tp', 1)
-        emit(events, 'topup', account, m)
-      end
-    elseif arrived and m[7] == '1' then
-      redis.call('HDEL', acct, 'tp')
-    end
-  end
+  watch_topup(acct, events, account, arrived, m, avail)
 end
 
 -- Fraud suspected: said once by the caller's rule; with on_fraud 'block' the engine blocks
 -- the account at once (the worker books it and hangs its calls up on every node).
 local function suspect(acct, events, account, why)
-  emit(events, 'fraud_suspected', account,
-    redis.call('HMGET', acct, 'balance', 'credit', 'reserved'), why)
-  if redis.call('HGET', acct, 'fraud') == 'block' then
-    redis.call('HSET', acct, 'status', 'blocked', 'reason', 'fraud suspected: ' .. why)
-  end
+  local m = fields(acct, {'balance', 'credit', 'reserved', 'fraud'})
+  emit(events, 'fraud_suspected', account, m, why)
+  -- Redis's own clock, as the stream entry's id and an operator's unblock (ub) use.
+  if m.fraud == 'block' then redis.call('HSET', acct, 'fb', clock('')) end
 end
 
--- Spend of the last hour (a sliding window over two hourly buckets of finished calls'
--- cost), plus what live calls hold.
-local function spent_last_hour(v, now, reserved)  -- v: the account's vh, vs, vp
+-- Spend of the last hour: a sliding estimate over two hourly buckets of finished calls'
+-- cost (the previous hour weighted by how much of it is still inside the hour), plus what
+-- live calls hold. v: the account's vh, vs, vp.
+local function spent_last_hour(v, now, reserved)
   local hour = idiv(now, HOUR)
-  local cur, prev = num(v[2]), num(v[3])
-  if num(v[1]) ~= hour then
-    prev = (num(v[1]) == hour - 1) and cur or 0
+  local cur, prev = num(v.vs), num(v.vp)
+  if num(v.vh) ~= hour then
+    prev = (num(v.vh) == hour - 1) and cur or 0
     cur = 0
   end
   return math.floor(prev * ((HOUR - (now - hour * HOUR)) / HOUR)) + cur + reserved
 end
 
-local function count_spend(acct, now, cost)
-  local v = redis.call('HMGET', acct, 'vmax', 'vh', 'vs')
-  if num(v[1]) == 0 then return end
-  local hour = idiv(now, HOUR)
-  if num(v[2]) == hour then
+-- A finished call's cost into the bucket of the hour it ended in; a late commit of the
+-- hour before goes to that hour's bucket, an older one to none (never rewinding).
+local function count_spend(acct, ended, cost)
+  local v = fields(acct, {'vmax', 'vh', 'vs'})
+  if num(v.vmax) == 0 then return end
+  local hour, current = idiv(ended, HOUR), num(v.vh)
+  if hour == current then
     redis.call('HINCRBY', acct, 'vs', cost)
-  else
+  elseif hour == current - 1 then
+    redis.call('HINCRBY', acct, 'vp', cost)
+  elseif hour > current then
     redis.call('HSET', acct, 'vh', hour, 'vs', cost,
-      'vp', (num(v[2]) == hour - 1) and num(v[3]) or 0)
+      'vp', (current == hour - 1) and num(v.vs) or 0)
   end
 end
 
@@ -214,7 +229,7 @@ local function finish(acct, sess, live, events, member, now, end_arg, cause, mod
     'node', f[17] or '', 'dir', f[13], 'dst', f[14], 'pfx', f[15] or '',
     'r', r, 'cf', cf, 'i', i, 's', s, 'setup', f[16], 'ans', f[10] or '', 'end', ended,
     'dur', duration, 'billed', billed, 'cost', cost, 'cause', cause)
-  watch(acct, events, f[11], false, false)
+  watch(acct, events, f[11], false)
   -- Only what a late duplicate needs stays, briefly.
   redis.call('DEL', sess)
   redis.call('HSET', sess, 'n', f[1], 'st', 'done', 'cost', cost, 'dur', duration, 'billed', billed)

@@ -15,5 +15,5 @@ if redis.call('SET', marker, 1, 'NX') == false then return {0, balance} end
 balance = balance + amount
 redis.call('HSET', acct, 'balance', balance)
 -- Money arrived (or an adjustment took some): the limit level follows, either way.
-watch(acct, KEYS[3], ARGV[2], amount > 0, false)
+watch(acct, KEYS[3], ARGV[2], amount > 0)
 return {1, balance}

@@ -2,7 +2,8 @@
 -- ARGV: now, n, quota, expected_grant, stale_s
 -- Reserve the next slice. Idempotent: only a caller that saw the current grant
 -- (expected_grant) extends it, so a retried or late extend adds nothing twice.
--- A blocked account gets no more slices: its calls end with the grant they have.
+-- A blocked account gets no more slices: its calls end with the grant they have; nor
+-- does one past its spend per hour.
 -- Returns {state, grant, grant_end, final, now}
 local acct, sess, live = KEYS[1], KEYS[2], KEYS[3]
 local now = clock(ARGV[1])
@@ -20,16 +21,30 @@ if grant_end - now > quota * 1000 then return {'ans', granted, grant_end, 0, now
 local r, cf, i, s = num(f[7]), num(f[8]), num(f[9]), num(f[10])
 local hold = num(f[6])
 local want = slice_target(granted, quota, i, s)
+local a = fields(acct, {'status', 'fb', 'ub', 'balance', 'credit', 'reserved', 'vmax', 'vh',
+  'vs', 'vp', 'fz'})
 local grant = -1
-local blocked = redis.call('HGET', acct, 'status') == 'blocked'
-if not blocked then
+if not is_blocked(a) then
   -- This session's own hold counts as available to itself.
-  grant = affordable(available(acct) + hold, r, cf, i, s)
+  local reserved = num(a.reserved)
+  grant = affordable(num(a.balance) + num(a.credit) - reserved + hold, r, cf, i, s)
   if grant > want then grant = want end
+  local vmax = num(a.vmax)
+  if vmax > 0 then
+    -- The spend per hour bounds a long call too, not only new ones.
+    local spent = spent_last_hour(a, now, reserved - hold)
+    local within = (spent < vmax) and affordable(vmax - spent, r, cf, i, s) or -1
+    if within < grant then
+      grant = within
+      if num(a.fz) ~= idiv(now, HOUR) then  -- said once an hour
+        redis.call('HSET', acct, 'fz', idiv(now, HOUR))
+        suspect(acct, KEYS[4], f[11], 'velocity_limit')
+      end
+    end
+  end
 end
 if grant <= granted then
   redis.call('HSET', sess, 'fin', 1)
-  if not blocked then watch(acct, KEYS[4], f[11], false, true) end
   return {'ans', granted, grant_end, 1, now}
 end
 local new_hold = cost_of(grant, r, cf)
@@ -38,5 +53,5 @@ final = (grant < want) and 1 or 0
 redis.call('HINCRBY', acct, 'reserved', new_hold - hold)
 redis.call('HSET', sess, 'g', grant, 'ge', new_end, 'hold', new_hold, 'fin', final)
 redis.call('ZADD', live, new_end + num(ARGV[5]) * 1000, f[11] .. '/' .. f[12])
-watch(acct, KEYS[4], f[11], false, final == 1)
+watch(acct, KEYS[4], f[11], false)
 return {'ans', grant, new_end, final, now}

@@ -26,6 +26,8 @@ def upgrade() -> None:
                                       server_default=''))
         batch_op.add_column(sa.Column('on_fraud', sa.String(length=8), nullable=False,
                                       server_default='notify'))
+        batch_op.add_column(sa.Column('unblocked_at', sa.DateTime(timezone=True),
+                                      nullable=True))
     with op.batch_alter_table('notifications', schema=None) as batch_op:
         for name in ('mail_sent_at', 'webhook_sent_at', 'next_attempt_at', 'failed_at'):
             batch_op.add_column(sa.Column(name, sa.DateTime(timezone=True), nullable=True))
@@ -62,6 +64,6 @@ def downgrade() -> None:
         for name in ('failed_at', 'next_attempt_at', 'webhook_sent_at', 'mail_sent_at'):
             batch_op.drop_column(name)
     with op.batch_alter_table('accounts', schema=None) as batch_op:
-        for name in ('on_fraud', 'blocked_prefixes', 'max_spend_per_hour',
+        for name in ('unblocked_at', 'on_fraud', 'blocked_prefixes', 'max_spend_per_hour',
                      'max_calls_per_minute'):
             batch_op.drop_column(name)
