@@ -389,7 +389,9 @@ def test_incoming_calls_past_the_channel_cap_do_not_block_the_account(app, eng):
     for i in range(10):  # an outsider redials the customer's number
         refused = eng.authorize(ACCT, "41449998877", "inbound", f"in{i}", now_ms=T0 + i)
         assert refused.reason == Reason.CHANNEL_LIMIT
-    assert snapshot(app, ACCT)["status"] == "active"
+    assert "fraud_suspected" not in limit_events(app)
+    assert eng.authorize(ACCT, "41449998877", "inbound", "later", now_ms=T0 + 60_000).reason \
+        == Reason.CHANNEL_LIMIT  # still only the cap: not blocked
 
 
 def test_fraud_notices_tell_the_customer_in_words(app, eng):
