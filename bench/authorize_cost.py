@@ -33,6 +33,7 @@ from callguard.simulator.faults import RedisServer  # noqa: E402
 CONTROLS = {"max_calls_per_minute": 10**6, "max_spend_per_hour": 10**15,
             "blocked_prefixes": "41900 882 881", "on_fraud": "block"}
 T0 = 1_900_000_000_000
+REDIS_CONFIG: list[tuple[str, str]] = []  # --redis-config NAME VALUE
 
 
 def sources_at(rev: str) -> dict[str, str]:
@@ -49,6 +50,8 @@ def run_variant(home: Path, script_source: str | None, controls: bool, calls: in
     server = RedisServer(home)
     server.start()
     try:
+        for name, value in REDIS_CONFIG:
+            server.client().config_set(name, value)
         with common.BenchEnv(server.url) as env:
             env.setup(accounts=accounts, **(CONTROLS if controls else {}))
             return _measure(env, server, script_source, calls, accounts)
@@ -95,7 +98,12 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=20000)
     parser.add_argument("--accounts", type=int, default=100)
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--redis-config", nargs=2, action="append", default=[],
+                        metavar=("NAME", "VALUE"),
+                        help="CONFIG SET on the private Redis first, e.g. "
+                             "hash-max-listpack-entries 0 (hashes as hash tables)")
     args = parser.parse_args()
+    REDIS_CONFIG.extend(args.redis_config)
     common.print_machine()
     old = sources_at(args.before)["authorize"]
     variants = {"before": (old, False), "after": (None, False), "after+controls": (None, True)}
