@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from callguard import service
 from callguard.engine import state
+from callguard.engine.core import shard_of
 from callguard.rating import Rate
 
 T0 = 1_900_000_000_000  # simulated clock, epoch ms
@@ -33,6 +34,21 @@ def postpaid(app, account="4144555", credit_limit=300_000_000, max_channels=0, *
                                           **values)
     assert applied.in_redis
     return row
+
+
+def limit_entries(app, account) -> list[tuple[str, dict]]:
+    """The engine's limit events for `account` still in its shard's stream, in order."""
+    stream = app.keys.events(shard_of(account))
+    return [(i, f) for i, f in app.redis.xrange(stream)
+            if f.get("type") == "limit" and f["acct"] == account]
+
+
+def answered(eng, account, channel, dest, at=T0, direction="outbound"):
+    """A call authorised and, when allowed, answered at once (simulated time `at`)."""
+    decision = eng.authorize(account, dest, direction, channel, now_ms=at)
+    if decision.allow:
+        eng.answer(decision.session, now_ms=at)
+    return decision
 
 
 def snapshot(app, account):

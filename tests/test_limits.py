@@ -15,7 +15,7 @@ from callguard.books.models import Account, Notification
 from callguard.decisions import Reason
 from callguard.engine.core import shard_of
 
-from engine_helpers import T0, postpaid, prepaid, setup_plan
+from engine_helpers import T0, answered, limit_entries, postpaid, prepaid, setup_plan
 
 ACCT, BIZ = "41441234567", "4144555"
 PREMIUM, NATIONAL = "41901234567", "41441112233"
@@ -34,10 +34,7 @@ def eng(app):
 
 
 def limit_events(app, account=ACCT) -> list[str]:
-    """The engine's limit events for `account`, in order, still in its shard's stream."""
-    stream = app.keys.events(shard_of(account))
-    return [f["event"] for _, f in app.redis.xrange(stream)
-            if f.get("type") == "limit" and f["acct"] == account]
+    return [f["event"] for _, f in limit_entries(app, account)]
 
 
 def notices(app, account=ACCT) -> list[tuple[str, dict]]:
@@ -48,10 +45,7 @@ def notices(app, account=ACCT) -> list[tuple[str, dict]]:
 
 
 def start(eng, channel, dest=PREMIUM, account=ACCT, at=T0, direction="outbound"):
-    decision = eng.authorize(account, dest, direction, channel, now_ms=at)
-    if decision.allow:
-        eng.answer(decision.session, now_ms=at)
-    return decision
+    return answered(eng, account, channel, dest, at, direction)
 
 
 def test_a_prepaid_warning_comes_once_per_crossing_and_a_topup_re_arms_it(app, eng):

@@ -23,9 +23,8 @@ from callguard import notify, service, sync, topup, worker
 from callguard.books.models import Account, AutoTopup, Notification
 from callguard.books.notices import add_notice
 from callguard.decisions import Reason
-from callguard.engine.core import shard_of
 
-from engine_helpers import T0, postpaid, prepaid, setup_plan, snapshot
+from engine_helpers import T0, answered, limit_entries, postpaid, prepaid, setup_plan, snapshot
 from test_notify import SECRET, receiver, smtp_server  # noqa: F401 - fixtures
 from test_topup import provider  # noqa: F401 - fixtures
 
@@ -50,15 +49,7 @@ def paying(app):
 
 
 def limit_events(app, account=ACCT) -> list[str]:
-    stream = app.keys.events(shard_of(account))
-    return [f["event"] for _, f in app.redis.xrange(stream)
-            if f.get("type") == "limit" and f["acct"] == account]
-
-
-def limit_entries(app, account=ACCT) -> list[tuple[str, dict]]:
-    stream = app.keys.events(shard_of(account))
-    return [(i, f) for i, f in app.redis.xrange(stream)
-            if f.get("type") == "limit" and f["acct"] == account]
+    return [f["event"] for _, f in limit_entries(app, account)]
 
 
 def notice_types(app, account=ACCT) -> list[str]:
@@ -68,10 +59,7 @@ def notice_types(app, account=ACCT) -> list[str]:
 
 
 def start(eng, channel, dest=PREMIUM, account=ACCT, at=T0, direction="outbound"):
-    decision = eng.authorize(account, dest, direction, channel, now_ms=at)
-    if decision.allow:
-        eng.answer(decision.session, now_ms=at)
-    return decision
+    return answered(eng, account, channel, dest, at, direction)
 
 
 def fraud_blocked(app, eng):
@@ -148,7 +136,7 @@ def test_an_operator_unblock_before_the_worker_books_the_fraud_event_stands(app,
 
 def test_a_replayed_fraud_event_does_not_re_block_an_unblocked_account(app, eng):
     fraud_blocked(app, eng)
-    entries = limit_entries(app)
+    entries = limit_entries(app, ACCT)
     sync.drain(app, "w1")
     assert app.books.get_account(ACCT).status == "blocked"
     service.update_account(app, ACCT, status="active", block_reason=None)
