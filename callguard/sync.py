@@ -25,7 +25,7 @@ from .books.models import Account, Cdr, LedgerEntry, RedisOutbox
 from .engine import state
 from .engine.core import LAYOUT, SHARDS, SessionId, shard_of
 from .logs import Throttled
-from .service import App, apply_outbox, kill, version_stamp
+from .service import App, apply_now, kill, version_stamp
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +159,7 @@ class Drain:
         for account in sorted(accounts):
             sessions = [s["session"] for s in state.live_sessions(self.app.redis, self.app.keys,
                                                                    account)]
-            apply_outbox(self.app, account)
+            apply_now(self.app, account)  # Redis away: the worker applies it later
             if sessions:
                 kill(self.app, sessions)
                 log.warning("account %s blocked for suspected fraud: hanging up %d call(s)",

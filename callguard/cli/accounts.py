@@ -238,18 +238,24 @@ def account_set(ctx, account_id, block_prefix, unblock_prefix, **options):
     report(applied, done)
 
 
+def _live(app: service.App, account_id: str) -> dict | None:
+    """The account in Redis, or None when Redis is away (a movement then waits in the
+    outbox, and there is nothing to say about it yet)."""
+    try:
+        return state.account_state(app.redis, app.keys, account_id) or {}
+    except (OSError, RedisError):
+        return None
+
+
 def _no_credit(app: service.App, account_id: str) -> bool:
     """Refused both ways for want of money (the engine's automatic block)."""
-    live = state.account_state(app.redis, app.keys, account_id) or {}
-    return live.get("lv") == "2" or live.get("available", CENT) < CENT
+    live = _live(app, account_id)
+    return live is not None and (live.get("lv") == "2" or live.get("available", CENT) < CENT)
 
 
 def _limit_state(app: service.App, account_id: str) -> str | None:
-    try:
-        live = state.account_state(app.redis, app.keys, account_id) or {}
-    except (OSError, RedisError):
-        return None  # Redis away: the movement waits in the outbox, nothing to say yet
-    return LIMIT_STATES.get(str(live.get("lv", "")))
+    live = _live(app, account_id)
+    return None if live is None else LIMIT_STATES.get(str(live.get("lv", "")))
 
 
 # A negative amount ("-5.00") is an argument, not an unknown option.
