@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import sys
 
-from . import accounts, audit, calls, limits, notices, processes, rates  # noqa: F401 - they register their commands
+# Each module registers its commands.
+from . import accounts, audit, books, calls, limits, notices, processes, rates  # noqa: F401
 from .base import cli
 
 

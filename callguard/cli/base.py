@@ -84,6 +84,7 @@ def report(applied: service.Applied, done: str) -> None:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="callguard", message="callguard %(version)s")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False),
               help="TOML settings file (also CALLGUARD_CONFIG).")
 @click.option("--home", help="State directory (CALLGUARD_HOME, default ./.callguard).")
