@@ -83,3 +83,10 @@ def test_refusals_are_one_line(app, run):
 def test_version(run):
     result = run("--version")
     assert result.exit_code == 0 and result.stdout.strip() == f"callguard {version('callguard')}"
+
+
+def test_an_account_is_prepaid_or_postpaid_not_both(run):
+    result = run("account", "create", "4144", "--prepaid", "--postpaid", "--balance", "5")
+    assert result.exit_code == 2 and "say --prepaid or --postpaid, not both" in result.stderr
+    assert run("account", "create", "4144", "--balance", "5").exit_code == 2
+    assert run("account", "show", "4144").exit_code == 1  # nothing was created

@@ -103,8 +103,8 @@ def account_text(data: dict) -> str:
 
 @account.command("create")
 @click.argument("account_id", metavar="ACCT")
-@click.option("--prepaid", "kind", flag_value="prepaid", help="Pays in advance: a balance.")
-@click.option("--postpaid", "kind", flag_value="postpaid", help="Pays by invoice: a credit limit.")
+@click.option("--prepaid", is_flag=True, help="Pays in advance: a balance.")
+@click.option("--postpaid", is_flag=True, help="Pays by invoice: a credit limit.")
 @click.option("--balance", callback=amount_option, help="Opening balance (prepaid).")
 @click.option("--credit-limit", callback=amount_option, help="Credit limit (postpaid).")
 @click.option("--warn-below", callback=amount_option, help="Prepaid warning level, e.g. 10.00.")
@@ -118,8 +118,8 @@ def account_text(data: dict) -> str:
 @click.option("--email", help="Contact address for notices.")
 @click.pass_context
 @refusals
-def account_create(ctx, account_id, kind, balance, credit_limit, warn_below, warn_at, currency,
-                   max_channels, cps_limit, plan, email):
+def account_create(ctx, account_id, prepaid, postpaid, balance, credit_limit, warn_below,
+                   warn_at, currency, max_channels, cps_limit, plan, email):
     """Create an account; ACCT is the PBX accountcode.
 
     \b
@@ -127,8 +127,9 @@ def account_create(ctx, account_id, kind, balance, credit_limit, warn_below, war
       callguard account create 41441234567 --prepaid --balance 50.00 --warn-below 10.00
       callguard account create 4144555 --postpaid --credit-limit 300.00 --warn-at 200.00
     """
-    if kind is None:
-        raise click.UsageError("say --prepaid or --postpaid")
+    if prepaid == postpaid:
+        raise click.UsageError("say --prepaid or --postpaid" + (", not both" if prepaid else ""))
+    kind = "prepaid" if prepaid else "postpaid"
     if not valid_account(account_id):
         raise Refused(f"invalid account id {account_id!r} (letters, digits, . _ -; up to 64)")
     if kind == "prepaid" and (credit_limit is not None or warn_at is not None):
