@@ -59,7 +59,6 @@ def account_json(app: service.App, row) -> dict:
 
 
 # The engine's limit level (common.lua `watch`): 2 blocks calls both ways until money arrives.
-CENT = 10_000  # less available than this is nothing (common.lua)
 LIMIT_STATES = {"0": "ok", "1": "warned", "2": "exhausted"}
 
 
@@ -251,7 +250,8 @@ def _live(app: service.App, account_id: str) -> dict | None:
 def _no_credit(app: service.App, account_id: str) -> bool:
     """Refused both ways for want of money (the engine's automatic block)."""
     live = _live(app, account_id)
-    return live is not None and (live.get("lv") == "2" or live.get("available", CENT) < CENT)
+    return live is not None and (live.get("lv") == "2"
+                                 or live.get("available", state.CENT) < state.CENT)
 
 
 def _limit_state(app: service.App, account_id: str) -> str | None:

@@ -19,6 +19,7 @@ class LayoutMismatch(RuntimeError):
 
 
 DEFAULT_WARN_BELOW = 10_000_000  # the seeds: prepaid customers are warned from 10.00 left
+CENT = 10_000  # less available than this is nothing (CENT in common.lua)
 
 
 def warn_level(row) -> int:
