@@ -1,6 +1,8 @@
 """Real services for the tests: the machine's Redis and PostgreSQL when they
 answer, the embedded Redis and SQLite otherwise; a Redis Cluster started from
-the same redis-server binary. Every test gets its own key prefix and schema."""
+the same redis-server binary; MariaDB/MySQL when CALLGUARD_TEST_MYSQL_URL is set, for
+the books' own tests (MARIADB_TESTS). Every test gets its own key prefix and schema
+(a database of its own on MariaDB)."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import hypothesis
 import pytest
 import redis
 from click.testing import CliRunner
+from sqlalchemy.engine import make_url
 
 from callguard.books.database import make_engine, upgrade
 from callguard.cli import cli
@@ -156,13 +159,59 @@ def _database_urls():
     urls = ["sqlite"]
     if os.environ.get("CALLGUARD_TEST_DATABASE_URL"):
         urls.append("postgres")
+    if os.environ.get("CALLGUARD_TEST_MYSQL_URL"):
+        urls.append("mariadb")
     return urls
+
+
+# MariaDB/MySQL runs the tests of the books' SQL only: these modules (with the machine's
+# single Redis: a Redis Cluster under them tests no SQL), and any test marked `mariadb`.
+# The other ~300 tests that take a database (the engine, the PBX adapters, the CLI's words)
+# test no SQL of their own, and a database plus a migration per test on the server would
+# add minutes to the suite (measured: test_cli.py alone, 57 s); their `[mariadb]` items
+# are deselected. These ~110 cost about 65 s on MariaDB (2 cores).
+MARIADB_TESTS = {"test_books.py", "test_books_backends.py", "test_topup.py", "test_notify.py",
+                 "test_limits.py", "test_review_limits.py", "test_suggest_limit.py",
+                 "test_cli_books.py"}
+
+
+def _on_mariadb_too(item) -> bool:
+    if item.get_closest_marker("mariadb") is not None:
+        return True
+    return item.path.name in MARIADB_TESTS and item.callspec.params.get("redis_url") != "cluster"
+
+
+# The PBX adapters' protocol tests run on SQLite only: the books under them are the same
+# code whatever the database (their faults, the worker and the books' own tests run on
+# PostgreSQL too), and on PostgreSQL they doubled ~3 minutes of the suite.
+SQLITE_ONLY = {"test_asterisk.py", "test_freeswitch.py", "test_protocol_esl.py",
+               "test_protocol_agi.py", "test_metrics.py"}
+
+
+def _dropped(item) -> bool:
+    database = getattr(item, "callspec", None) and item.callspec.params.get("database_url")
+    if database == "mariadb":
+        return not _on_mariadb_too(item)
+    return database == "postgres" and item.path.name in SQLITE_ONLY and \
+        item.get_closest_marker("postgres") is None
+
+
+def pytest_collection_modifyitems(config, items):
+    keep, dropped = [], []
+    for item in items:
+        (dropped if _dropped(item) else keep).append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = keep
 
 
 @pytest.fixture(params=_database_urls())
 def database_url(request, tmp_path):
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'books.db'}"
+        return
+    if request.param == "mariadb":
+        yield from _mysql_database()
         return
     base = os.environ["CALLGUARD_TEST_DATABASE_URL"]
     schema = "t_" + uuid.uuid4().hex[:12]
@@ -174,6 +223,33 @@ def database_url(request, tmp_path):
     with admin.begin() as conn:
         conn.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
     admin.dispose()
+
+
+@pytest.fixture
+def mariadb_url():
+    """A database of this test's own on MariaDB/MySQL (CALLGUARD_TEST_MYSQL_URL)."""
+    if not os.environ.get("CALLGUARD_TEST_MYSQL_URL"):
+        pytest.skip("needs MariaDB/MySQL (CALLGUARD_TEST_MYSQL_URL)")
+    yield from _mysql_database()
+
+
+def _mysql_database():
+    """Yield the URL of a new database `cg_test_<hex>` on the server of
+    CALLGUARD_TEST_MYSQL_URL, dropped afterwards; no other database is touched (the URL's
+    own, `test`, only serves to connect)."""
+    base = make_url(os.environ["CALLGUARD_TEST_MYSQL_URL"])
+    name = "cg_test_" + uuid.uuid4().hex[:12]
+    admin = make_engine(base.render_as_string(hide_password=False))
+    with admin.begin() as conn:
+        conn.exec_driver_sql(f"CREATE DATABASE {name} CHARACTER SET utf8mb4")
+    try:
+        yield base.set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.begin() as conn:
+            # A connection a test left behind in a transaction would hold the drop forever.
+            conn.exec_driver_sql("SET SESSION lock_wait_timeout = 30")
+            conn.exec_driver_sql(f"DROP DATABASE {name}")
+        admin.dispose()
 
 
 @pytest.fixture

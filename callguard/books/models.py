@@ -22,6 +22,7 @@ from sqlalchemy import (
     String,
     Text,
 )
+from sqlalchemy.dialects import mysql
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 KINDS = ("prepaid", "postpaid")
@@ -40,6 +41,12 @@ def as_utc(moment: datetime | None) -> datetime:
     return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
 
+# A moment, aware UTC. MySQL/MariaDB's DATETIME keeps whole seconds unless asked for
+# microseconds (fsp=6), and the books compare times to the millisecond (an operator's
+# unblock with the engine's fraud block): DATETIME(6) there, the same type elsewhere.
+Moment = DateTime(timezone=True).with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
+
+
 class Base(DeclarativeBase):
     pass
 
@@ -49,7 +56,7 @@ class RatePlanRow(Base):
 
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
     version: Mapped[int] = mapped_column(Integer, default=1)
-    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(Moment, default=utcnow)
 
 
 class RateRow(Base):
@@ -97,10 +104,10 @@ class Account(Base):
     blocked_prefixes: Mapped[str] = mapped_column(String(2000), default="")  # space-separated
     on_fraud: Mapped[str] = mapped_column(String(8), default="notify")  # notify | block
     # The last operator unblock: an engine fraud block from before it no longer holds.
-    unblocked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    unblocked_at: Mapped[datetime | None] = mapped_column(Moment)
+    created_at: Mapped[datetime] = mapped_column(Moment, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(
-        DateTime(timezone=True), default=utcnow, onupdate=utcnow
+        Moment, default=utcnow, onupdate=utcnow
     )
 
 
@@ -116,7 +123,7 @@ class LedgerEntry(Base):
     idempotency_key: Mapped[str] = mapped_column(String(200), unique=True)
     reference: Mapped[str | None] = mapped_column(String(200))
     session: Mapped[str | None] = mapped_column(String(200))
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(Moment, default=utcnow)
 
 
 class Cdr(Base):
@@ -155,7 +162,7 @@ class RedisOutbox(Base):
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
     account: Mapped[str] = mapped_column(ForeignKey("accounts.id"), index=True)
     entry: Mapped[int | None] = mapped_column(ForeignKey("ledger.id"))
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(Moment, default=utcnow)
 
 
 NOTICE_TYPES = ("low_balance", "exhausted", "credit_warning", "credit_limit", "unblocked",
@@ -175,14 +182,14 @@ class Notification(Base):
     account: Mapped[str] = mapped_column(ForeignKey("accounts.id"), index=True)
     type: Mapped[str] = mapped_column(String(32))
     payload: Mapped[str] = mapped_column(Text)  # JSON: the webhook body's fields
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(Moment, default=utcnow)
     # Delivery: each channel is marked when it took the notice, so a retry of one never
     # repeats the other; sent_at when every configured channel has it.
-    mail_sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    webhook_sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    next_attempt_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    failed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))  # gave up
+    mail_sent_at: Mapped[datetime | None] = mapped_column(Moment)
+    webhook_sent_at: Mapped[datetime | None] = mapped_column(Moment)
+    sent_at: Mapped[datetime | None] = mapped_column(Moment)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(Moment)
+    failed_at: Mapped[datetime | None] = mapped_column(Moment)  # gave up
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     last_error: Mapped[str | None] = mapped_column(String(500))
 
@@ -205,9 +212,9 @@ class AutoTopup(Base):
     payment_method: Mapped[str] = mapped_column(String(200))
     state: Mapped[str] = mapped_column(String(10), default="pending")
     attempts: Mapped[int] = mapped_column(Integer, default=0)
-    next_attempt_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    next_attempt_at: Mapped[datetime | None] = mapped_column(Moment)
     provider_id: Mapped[str | None] = mapped_column(String(200))
     last_error: Mapped[str | None] = mapped_column(String(500))
     entry: Mapped[int | None] = mapped_column(ForeignKey("ledger.id"))  # the booked top-up
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    done_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(Moment, default=utcnow)
+    done_at: Mapped[datetime | None] = mapped_column(Moment)

@@ -7,14 +7,22 @@ Create Date: 2026-11-21
 
 import sqlalchemy as sa
 from alembic import op
+from sqlalchemy.dialects import mysql
+
+from callguard.books.database import table_options
 
 revision = '0001'
 down_revision = None
 branch_labels = None
 depends_on = None
 
+# MySQL/MariaDB's DATETIME drops the microseconds without fsp=6 (MySQL support came after
+# this revision shipped: SQLite and PostgreSQL get the type they always had).
+_AT = sa.DateTime(timezone=True).with_variant(mysql.DATETIME(fsp=6), 'mysql', 'mariadb')
+
 
 def upgrade() -> None:
+    options = table_options(op.get_bind())  # MySQL/MariaDB: utf8mb4, byte for byte
     op.create_table('accounts',
     sa.Column('id', sa.String(length=64), nullable=False),
     sa.Column('kind', sa.String(length=8), nullable=False),
@@ -32,17 +40,19 @@ def upgrade() -> None:
     sa.Column('payment_method', sa.String(length=200), nullable=True),
     sa.Column('auto_topup_below', sa.BigInteger(), nullable=True),
     sa.Column('auto_topup_amount', sa.BigInteger(), nullable=True),
-    sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
-    sa.Column('updated_at', sa.DateTime(timezone=True), nullable=False),
+    sa.Column('created_at', _AT, nullable=False),
+    sa.Column('updated_at', _AT, nullable=False),
     sa.CheckConstraint("kind IN ('prepaid', 'postpaid')", name='ck_accounts_kind'),
     sa.CheckConstraint("status IN ('active', 'blocked')", name='ck_accounts_status'),
-    sa.PrimaryKeyConstraint('id')
+    sa.PrimaryKeyConstraint('id'),
+    **options,
     )
     op.create_table('rate_plans',
     sa.Column('name', sa.String(length=64), nullable=False),
     sa.Column('version', sa.Integer(), nullable=False),
-    sa.Column('updated_at', sa.DateTime(timezone=True), nullable=False),
-    sa.PrimaryKeyConstraint('name')
+    sa.Column('updated_at', _AT, nullable=False),
+    sa.PrimaryKeyConstraint('name'),
+    **options,
     )
     op.create_table('cdrs',
     sa.Column('id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
@@ -66,7 +76,8 @@ def upgrade() -> None:
     sa.Column('cause', sa.String(length=32), nullable=False),
     sa.ForeignKeyConstraint(['account'], ['accounts.id'], ),
     sa.PrimaryKeyConstraint('id'),
-    sa.UniqueConstraint('session')
+    sa.UniqueConstraint('session'),
+    **options,
     )
     with op.batch_alter_table('cdrs', schema=None) as batch_op:
         batch_op.create_index('ix_cdrs_account_setup', ['account', 'setup_ms'], unique=False)
@@ -79,10 +90,11 @@ def upgrade() -> None:
     sa.Column('idempotency_key', sa.String(length=200), nullable=False),
     sa.Column('reference', sa.String(length=200), nullable=True),
     sa.Column('session', sa.String(length=200), nullable=True),
-    sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
+    sa.Column('created_at', _AT, nullable=False),
     sa.ForeignKeyConstraint(['account'], ['accounts.id'], ),
     sa.PrimaryKeyConstraint('id'),
-    sa.UniqueConstraint('idempotency_key')
+    sa.UniqueConstraint('idempotency_key'),
+    **options,
     )
     with op.batch_alter_table('ledger', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_ledger_account'), ['account'], unique=False)
@@ -93,13 +105,14 @@ def upgrade() -> None:
     sa.Column('account', sa.String(length=64), nullable=False),
     sa.Column('type', sa.String(length=32), nullable=False),
     sa.Column('payload', sa.Text(), nullable=False),
-    sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
-    sa.Column('sent_at', sa.DateTime(timezone=True), nullable=True),
+    sa.Column('created_at', _AT, nullable=False),
+    sa.Column('sent_at', _AT, nullable=True),
     sa.Column('attempts', sa.Integer(), nullable=False),
     sa.Column('last_error', sa.String(length=500), nullable=True),
     sa.ForeignKeyConstraint(['account'], ['accounts.id'], ),
     sa.PrimaryKeyConstraint('id'),
-    sa.UniqueConstraint('key')
+    sa.UniqueConstraint('key'),
+    **options,
     )
     with op.batch_alter_table('notifications', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_notifications_account'), ['account'], unique=False)
@@ -115,7 +128,8 @@ def upgrade() -> None:
     sa.Column('subsequent_increment', sa.Integer(), nullable=False),
     sa.Column('blocked', sa.Boolean(), nullable=False),
     sa.ForeignKeyConstraint(['plan'], ['rate_plans.name'], ondelete='CASCADE'),
-    sa.PrimaryKeyConstraint('plan', 'direction', 'prefix')
+    sa.PrimaryKeyConstraint('plan', 'direction', 'prefix'),
+    **options,
     )
 
 
