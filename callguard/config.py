@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import tomllib
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -19,7 +20,7 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class Settings:
-    home: Path = Path(".callguard")
+    home: Path = field(default_factory=lambda: default_home(os.environ))  # always absolute
     redis_url: str | None = None  # None: the embedded Redis under home
     database_url: str | None = None  # None: SQLite under home
     ami_url: str | None = None
@@ -33,7 +34,7 @@ class Settings:
     webhook_url: str | None = None
     webhook_secret: str | None = None
     payment_url: str | None = None
-    http_bind: str = "127.0.0.1:9464"
+    http_bind: str | None = None  # None: per process (health.DEFAULT_BIND); "off": none
     # Not in CONTRACT.md, named the same way:
     node: str | None = None  # None: derived per process (nodes.default_node)
     key_prefix: str = "cg"  # separates installations (or test runs) sharing one Redis
@@ -62,7 +63,8 @@ class Settings:
         if self.node is not None and not NODE_NAME.fullmatch(self.node):
             raise ConfigError(f"node name {self.node!r}: 1-64 letters, digits and . _ : @ -")
         for name in ("agi_bind", "esl_bind", "http_bind"):
-            split_hostport(getattr(self, name))
+            if getattr(self, name) not in (None, "off"):
+                split_hostport(getattr(self, name))
         for name in ("webhook_url", "payment_url"):
             if getattr(self, name):
                 check_http_url(f"CALLGUARD_{name.upper()}", getattr(self, name))
@@ -84,9 +86,37 @@ _INTS = {
 }
 
 
+def default_home(env) -> Path:
+    """$XDG_DATA_HOME/callguard (~/.local/share/callguard): the same wherever a command
+    runs. Data, not $XDG_STATE_HOME or $XDG_CACHE_HOME, which may be wiped or left out of
+    backups: the books (SQLite) and the embedded Redis' append-only file are money that
+    must not be lost. A service sets CALLGUARD_HOME=/var/lib/callguard."""
+    base = env.get("XDG_DATA_HOME", "")
+    if not os.path.isabs(base):  # unset, empty or relative: the spec says ignore it
+        base = os.path.join(env.get("HOME") or os.path.expanduser("~"), ".local", "share")
+    return Path(base, "callguard").resolve()
+
+
+def _check_legacy_home(home: Path) -> None:
+    """An install from before the XDG default kept its books in ./.callguard. Books there
+    and none in the new default: refuse, rather than start on new, empty books (every call
+    denied, the books split in two). Books in both: say which ones are used."""
+    old = Path(".callguard")
+    if not old.is_dir() or old.resolve() == home:
+        return
+    keep = (f"set CALLGUARD_HOME=./.callguard to keep using it, or move it to {home}")
+    if not (home / "callguard.db").exists() and any(
+            (old / name).exists() for name in ("callguard.db", "appendonly.aof")):
+        raise ConfigError(f"./.callguard ({old.resolve()}) holds books of the old default "
+                          f"state directory and {home} holds none: {keep}")
+    logging.getLogger(__name__).warning(
+        "ignoring ./.callguard (%s), the old default state directory; using %s (%s)",
+        old.resolve(), home, keep)
+
+
 def _coerce(name: str, value):
     if name == "home":
-        return Path(value)
+        return Path(value).expanduser().resolve()  # once: a later chdir changes nothing
     if name in _INTS:
         if isinstance(value, bool | float):  # TOML 1.5 or true: int() would quietly give 1
             raise ConfigError(f"{name} must be a whole number, not {value!r}")
@@ -122,6 +152,9 @@ def load_settings(config_file: str | None = None, env=None, **overrides) -> Sett
         if env.get(var):
             values[name] = env[var]
     values.update({k: v for k, v in overrides.items() if v is not None})
+    if "home" not in values:
+        values["home"] = default_home(env)
+        _check_legacy_home(values["home"])
     settings = replace(Settings(), **{k: _coerce(k, v) for k, v in values.items()})
     return settings.validate()
 

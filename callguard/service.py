@@ -22,7 +22,7 @@ from .books.ledger import Booking, Books, BooksError
 from .books.models import Account, RedisOutbox, utcnow
 from .config import Settings
 from .engine import state
-from .engine.connect import connect, resolve_url
+from .engine.connect import EmbeddedUse, connect
 from .engine.core import Keys, Ops, Plans, SessionId
 from .engine.runner import SyncEngine
 from .logs import Throttled
@@ -34,9 +34,14 @@ log = logging.getLogger(__name__)
 class App:
     """What a callguard process needs, opened on first use."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, one_shot: bool = False):
         self.settings = settings
         self.keys = Keys(settings.key_prefix)
+        # How this process uses the embedded Redis (engine.connect): a one-shot command
+        # stops a server it had to start when it closes; otherwise (serve, worker, an App
+        # outside the CLI) the server stays up. Set before the first use of Redis.
+        self.one_shot = one_shot
+        self._embedded: EmbeddedUse | None = None
 
     @cached_property
     def books(self) -> Books:
@@ -44,7 +49,10 @@ class App:
 
     @cached_property
     def redis_url(self) -> str:
-        return resolve_url(self.settings.redis_url, self.settings.home)
+        if self.settings.redis_url:
+            return self.settings.redis_url
+        self._embedded = EmbeddedUse(self.settings.home, long_running=not self.one_shot)
+        return self._embedded.url
 
     @cached_property
     def redis(self):
@@ -64,12 +72,23 @@ class App:
     def engine(self) -> SyncEngine:
         return SyncEngine(self.redis, self.ops())
 
+    def serving(self) -> None:
+        """This process (serve, worker) is up: the embedded Redis stays up for it and after
+        it (engine.connect). Before, it joined as a one-shot command would."""
+        self.one_shot = False
+        if self._embedded is not None:
+            self._embedded.promote()
+
     def close(self) -> None:
-        """Release the SQL pool and the Redis connections this App opened."""
+        """Release the SQL pool and the Redis connections this App opened, and leave the
+        embedded Redis (which a one-shot command may stop)."""
         if "books" in self.__dict__:
             self.books.engine.dispose()
         if "redis" in self.__dict__:
             self.redis.close()
+        if self._embedded is not None:
+            self._embedded.release()
+            self._embedded = None
 
 
 @dataclass(frozen=True)

@@ -17,17 +17,16 @@ def toml(tmp_path, text: str, name: str = "callguard.toml") -> str:
     return str(path)
 
 
-def test_defaults():
-    s = load_settings(env={})
-    assert s.home == Path(".callguard")
+def test_defaults(tmp_path):
+    s = load_settings(env={"HOME": str(tmp_path)})
+    assert s.home == tmp_path / ".local" / "share" / "callguard"  # XDG_DATA_HOME's default
     assert (s.redis_url, s.database_url, s.ami_url, s.esl_url) == (None, None, None, None)
-    assert (s.agi_bind, s.esl_bind, s.http_bind) == \
-        ("127.0.0.1:4573", "127.0.0.1:8084", "127.0.0.1:9464")
+    assert (s.agi_bind, s.esl_bind, s.http_bind) == ("127.0.0.1:4573", "127.0.0.1:8084", None)
     assert (s.quota_seconds, s.failure_policy) == (60, "fail_closed")
     assert (s.smtp_url, s.mail_from, s.webhook_url, s.webhook_secret, s.payment_url) == \
         (None, None, None, None, None)
     assert s.key_prefix == "cg"
-    assert s.sql_url == f"sqlite:///{Path('.callguard').resolve() / 'callguard.db'}"
+    assert s.sql_url == f"sqlite:///{s.home / 'callguard.db'}"
 
 
 def test_sql_url_follows_home_unless_given(tmp_path):

@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from callguard.cli import cli
-from callguard.engine.connect import ensure_embedded, socket_path, stop_embedded
+from callguard.engine.connect import ensure_embedded, stop_embedded
 
 
 @pytest.mark.parametrize("pbx", ["asterisk", "freeswitch"])
@@ -63,9 +63,9 @@ def test_embedded_redis_is_shared_by_processes_and_keeps_its_data(tmp_path):
     try:
         assert callguard("db", "upgrade").returncode == 0
         assert callguard("account", "create", "4144", "--prepaid", "--balance", "5").returncode == 0
-        shown = callguard("account", "show", "4144", "--json")  # another process, same server
+        shown = callguard("account", "show", "4144", "--json")  # another process, same data
         assert '"available": "5.000000"' in shown.stdout
-        assert socket_path(home).exists() and (home / "callguard.db").exists()
+        assert (home / "appendonly.aof").exists() and (home / "callguard.db").exists()
         stop_embedded(home)
         url = ensure_embedded(home)  # restarted from its data
         import redis

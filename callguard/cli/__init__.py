@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 # Each module registers its commands.
-from . import accounts, audit, books, calls, limits, notices, processes, rates  # noqa: F401
+from . import accounts, audit, books, calls, embedded, limits, notices, processes, rates  # noqa: F401
 from .base import cli
 
 

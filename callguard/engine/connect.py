@@ -6,6 +6,35 @@ only its binary, not its wrapper class, because that wrapper stops the server
 when the Python object that started it goes away; callguard's processes must
 share one server that outlives each of them. Data lives under the state
 directory with an append-only file, so a restart keeps balances.
+
+Its lifetime:
+
+- The first callguard process that needs it starts it (under the start lock,
+  home/redis.lock: two processes starting at once make one server).
+- It stays up while a long-running process (`serve`, `worker`) uses it: nothing
+  stops it under them but `callguard embedded stop --force`.
+- A one-shot command (the rest of the CLI, `worker --once` included) that had to
+  start it stops it again when it exits, unless a long-running process started
+  using it meanwhile; when several one-shot commands share such a server, the
+  last to exit stops it. So a CLI call leaves no server behind that nothing uses.
+- A server a long-running process has used stays up after that process exits:
+  a restarted `serve` finds its calls' state as it left it, and nothing has to
+  start again in between. `callguard embedded stop` stops it (refused while a
+  long-running process uses it); `callguard embedded status` shows it.
+
+Stopping is a SHUTDOWN that flushes and fsyncs the append-only file: the data
+survives, and the next process that needs the server starts it from that file.
+
+How: every process using the server holds a shared flock on home/redis.users
+for as long as it does (taken before it connects, so nobody can stop the server
+between its check and its first command), a long-running one also on
+home/redis.serving. home/redis.oneshot exists while the server was started by a
+one-shot command and no long-running process has joined it since. A one-shot
+command leaving such a server takes the start lock, then tries an exclusive
+lock on redis.users without waiting: only if no other process uses the server
+does it get it, and it stops the server while holding both. The kernel drops a
+killed process's locks; a server a killed one-shot command left behind is
+stopped by the next one-shot command that is its last user.
 """
 
 from __future__ import annotations
@@ -14,6 +43,7 @@ import fcntl
 import hashlib
 import importlib.util
 import logging
+import os
 import shutil
 import socket
 import subprocess
@@ -22,6 +52,8 @@ from pathlib import Path
 
 import redis
 import redis.asyncio
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 log = logging.getLogger(__name__)
 
@@ -56,25 +88,118 @@ def _answers(path: Path) -> bool:
             s.settimeout(0.5)
             s.connect(str(path))
             s.sendall(b"PING\r\n")
-            return s.recv(7).startswith(b"+PONG")
+            # A server still loading its AOF is running: never start a second one on it.
+            return s.recv(8).startswith((b"+PONG", b"-LOADING"))
     except OSError:
         return False
 
 
-def ensure_embedded(home: Path) -> str:
-    """Join the embedded Redis of this state directory, starting it if nobody has."""
-    home.mkdir(parents=True, exist_ok=True)
+START_LOCK = "redis.lock"  # held to start or stop the server
+USERS_LOCK = "redis.users"  # shared by every process using the server
+SERVING_LOCK = "redis.serving"  # shared by every long-running process using it
+ONE_SHOT = "redis.oneshot"  # started by a one-shot command, no long-running user since
+
+
+def _lock(path: Path, mode: int):
+    """The open file holding a flock on `path` (created, never truncated); None when
+    `mode` has LOCK_NB and someone else holds a conflicting lock."""
+    fh = open(path, "a")  # the lock lives as long as the file is open
+    try:
+        fcntl.flock(fh, mode)
+    except BlockingIOError:
+        fh.close()
+        return None
+    except BaseException:
+        fh.close()
+        raise
+    return fh
+
+
+def ensure_embedded(home: Path, keep: bool = True) -> str:
+    """Join the embedded Redis of this state directory, starting it if nobody has.
+    `keep` False: a one-shot command's use (a server it starts is marked for its last
+    one-shot user to stop); True: the server stays up after us."""
+    home.mkdir(mode=0o700, parents=True, exist_ok=True)  # the AOF holds the balances
     sock = socket_path(home)
-    if _answers(sock):
+    if not keep and _answers(sock):
         return f"unix://{sock}"
-    with open(home / "redis.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # two processes starting at once: one server
+    with _lock(home / START_LOCK, fcntl.LOCK_EX):  # two starting at once: one server
         if not _answers(sock):
+            if not keep:  # before it runs: a command killed while it starts leaves it marked
+                (home / ONE_SHOT).touch()
             _start(home.resolve(), sock)
+        if keep:  # under the lock: a one-shot start cannot mark it after we looked
+            (home / ONE_SHOT).unlink(missing_ok=True)
     return f"unix://{sock}"
 
 
+class EmbeddedUse:
+    """This process's use of the embedded Redis of `home`: joined (the server started if
+    need be) on creation, left by `release()`. See the module's docstring."""
+
+    def __init__(self, home: Path, long_running: bool):
+        home.mkdir(mode=0o700, parents=True, exist_ok=True)  # the AOF holds the balances
+        self.home, self.long_running = home, long_running
+        self._locks = []
+        try:
+            if long_running:
+                self._locks.append(_lock(home / SERVING_LOCK, fcntl.LOCK_SH))
+            self._locks.append(_lock(home / USERS_LOCK, fcntl.LOCK_SH))
+            self.url = ensure_embedded(home, keep=long_running)
+        except BaseException:
+            self._unlock()
+            raise
+
+    def promote(self) -> None:
+        """A process that joined as one-shot (serve, worker while they start) is now
+        long-running: the server stays up for it, and after it. Until then, a start that
+        fails leaves no server behind."""
+        if self.long_running or not self._locks:
+            return
+        self._locks.insert(0, _lock(self.home / SERVING_LOCK, fcntl.LOCK_SH))
+        with _lock(self.home / START_LOCK, fcntl.LOCK_EX):
+            (self.home / ONE_SHOT).unlink(missing_ok=True)
+        self.long_running = True
+
+    def release(self) -> None:
+        """Leave the server; a one-shot command that is the last user of a server a
+        one-shot command started stops it, its data saved."""
+        if not self._locks:
+            return
+        try:
+            if not self.long_running and (self.home / ONE_SHOT).exists():
+                with _lock(self.home / START_LOCK, fcntl.LOCK_EX):
+                    users = self._locks[-1]
+                    # Shared to exclusive; when that fails we may have lost the shared
+                    # lock (flock converts by releasing first): we are leaving anyway.
+                    if (self.home / ONE_SHOT).exists() and _try_lock(
+                            users, fcntl.LOCK_EX | fcntl.LOCK_NB):
+                        stop_embedded(self.home)
+        finally:
+            self._unlock()
+
+    def _unlock(self) -> None:
+        while self._locks:
+            self._locks.pop().close()
+
+
+def _try_lock(fh, mode: int) -> bool:
+    try:
+        fcntl.flock(fh, mode)
+    except BlockingIOError:
+        return False
+    return True
+
+
 def _start(home: Path, sock: Path) -> None:
+    try:
+        pid = int((home / "redis.pid").read_text())
+    except (OSError, ValueError):
+        pid = None
+    if pid and _alive(pid) and sock.exists() and _is_redis(pid):
+        # Up, but slow to answer (a big AOF, a loaded machine): its socket stays its own.
+        raise RedisUnavailable(f"the embedded Redis (pid {pid}) does not answer yet; see "
+                               f"{home / 'redis.log'}")
     sock.unlink(missing_ok=True)
     cmd = [
         redis_binary(), "--port", "0", "--unixsocket", str(sock), "--unixsocketperm", "700",
@@ -83,7 +208,7 @@ def _start(home: Path, sock: Path) -> None:
         "--logfile", str(home / "redis.log"),
     ]
     log.info("starting embedded Redis on %s", sock)
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, umask=0o077)  # its AOF: ours
     deadline = time.monotonic() + 10
     while not _answers(sock):
         if time.monotonic() > deadline:
@@ -92,18 +217,145 @@ def _start(home: Path, sock: Path) -> None:
 
 
 def stop_embedded(home: Path) -> bool:
+    """Shut the embedded Redis of this state directory down, its append-only file flushed
+    and fsynced, and wait until it is gone; False if none was running. Whoever uses it
+    loses it: see `stop_unless_serving` for the polite way."""
     sock = socket_path(home)
+    (home / ONE_SHOT).unlink(missing_ok=True)
     if not _answers(sock):
         return False
+    # No retries: the server closing the connection as it exits is the answer, not an
+    # error to retry with backoff (redis-py's default: 3 s more per stop).
+    client = redis.Redis(unix_socket_path=str(sock), socket_timeout=30,
+                         retry=Retry(NoBackoff(), 0))
     try:
-        redis.Redis(unix_socket_path=str(sock)).shutdown(nosave=True)
+        pid = int(client.info("server")["process_id"])
+        client.shutdown()  # no NOSAVE needed: no RDB save points; the AOF is always flushed
     except redis.ConnectionError:
-        pass  # the server closes the connection as it exits
+        pid = None  # it went away meanwhile
+    except redis.ResponseError as exc:
+        raise RedisUnavailable(f"the embedded Redis did not stop ({exc}); see "
+                               f"{home / 'redis.log'}") from None
+    finally:
+        client.close()
+    deadline = time.monotonic() + 30
+    while _answers(sock) or (pid and _alive(pid)):
+        if time.monotonic() > deadline:
+            raise RedisUnavailable(f"the embedded Redis (pid {pid}) did not stop; see "
+                                   f"{home / 'redis.log'}")
+        time.sleep(0.02)
     return True
 
 
-def resolve_url(url: str | None, home: Path) -> str:
-    return url or ensure_embedded(home)
+class EmbeddedBusy(RuntimeError):
+    pass
+
+
+def stop_unless_serving(home: Path, force: bool = False) -> bool:
+    """`callguard embedded stop`: stop the server unless a process uses it (EmbeddedBusy:
+    `serve`, `worker`, or a command under way such as `rebuild` or `worker --once`), or
+    `force`; False if none was running."""
+    if not home.is_dir():
+        return False
+    with _lock(home / START_LOCK, fcntl.LOCK_EX):
+        serving = _lock(home / SERVING_LOCK, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        users = _lock(home / USERS_LOCK, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        try:
+            if (serving is None or users is None) and not force and _answers(
+                    socket_path(home)):
+                busy = SERVING_LOCK if serving is None else USERS_LOCK
+                pids = lock_holders(home / busy) or []
+                named = f" (pid {', '.join(map(str, pids))})" if pids else ""
+                raise EmbeddedBusy(
+                    f"the embedded Redis is in use by a long-running process{named}: stop "
+                    "`serve`/`worker` first, or use --force" if serving is None else
+                    f"the embedded Redis is in use by a command under way{named}: let it "
+                    "end first, or use --force")
+            return stop_embedded(home)  # a long-running process waits for `serving`
+        finally:
+            for held in (serving, users):
+                if held is not None:
+                    held.close()
+
+
+def embedded_status(home: Path) -> dict:
+    """What `callguard embedded status` shows (never starts anything)."""
+    sock = socket_path(home)
+    running = home.is_dir() and _answers(sock)
+    pid = None
+    if running:
+        client = redis.Redis(unix_socket_path=str(sock), socket_timeout=5)
+        try:
+            pid = int(client.info("server")["process_id"])
+        except redis.RedisError:
+            running = False
+        finally:
+            client.close()
+    users = serving = 0
+    if home.is_dir():
+        # Under the start lock: a probe of ours must not make a leaving command's
+        # exclusive attempt fail (it would leave the server up).
+        with _lock(home / START_LOCK, fcntl.LOCK_EX):
+            users = _count_holders(home / USERS_LOCK)
+            serving = _count_holders(home / SERVING_LOCK)
+    return {"running": running, "pid": pid, "socket": str(sock), "data_dir": str(home),
+            "log": str(home / "redis.log"), "users": users, "long_running_users": serving,
+            "stops_with_last_command": running and (home / ONE_SHOT).exists()}
+
+
+def _count_holders(path: Path) -> int | None:
+    """How many processes hold a lock on `path`; None when the system does not say."""
+    if not path.exists():
+        return 0
+    holders = lock_holders(path)
+    if holders is None:
+        return None
+    if not holders:  # cross-check: /proc/locks names files as it likes on some file systems
+        probe = _lock(path, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if probe is None:
+            return None
+        probe.close()
+    return len(holders)
+
+
+def lock_holders(path: Path) -> list[int] | None:
+    """The pids holding a flock on `path` (Linux: /proc/locks); None elsewhere."""
+    try:
+        st = path.stat()
+        table = Path("/proc/locks").read_text()
+    except OSError:
+        return None
+    ident = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    pids = []
+    for line in table.splitlines():
+        fields = line.split()  # "1: FLOCK  ADVISORY  READ 8123 fe:00:2148465 0 EOF"
+        if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == ident:
+            pids.append(int(fields[4]))  # a waiter's line reads "1: -> FLOCK ...": skipped
+    return sorted(pids)
+
+
+def _is_redis(pid: int) -> bool:
+    """Whether `pid` is a redis-server (a stale pid file may name another process now)."""
+    try:
+        return b"redis-server" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie does not: a daemon's parent is init, which may not
+    reap it at once)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rpartition(")")[2].split()[0] not in ("Z", "X")
 
 
 def _cluster_url(url: str) -> str | None:
