@@ -211,7 +211,9 @@ def test_adjust_moves_the_balance_either_way(app, run, accounts):
     assert ok(run("account", "adjust", P, "-2.50", "--ref", "T-1")).startswith(
         "booked adjustment of -2.50")
     ok(run("account", "adjust", Q, "1.25", "--ref", "T-2"))
-    assert show(run, P)["balance"] == "47.500000"
+    assert ok(run("account", "adjust", P, "--ref", "T-3", "-0.50")).startswith(
+        "booked adjustment of -0.50")  # after an option too
+    assert show(run, P)["balance"] == "47.000000"
     assert show(run, Q)["outstanding"] == "-1.250000"
     assert [e.kind for e in app.books.ledger(P)][-1] == "adjustment"
 
@@ -301,6 +303,13 @@ REFUSALS = [
     (("account", "set", P, "--email", "a@b.c" + "c" * 250), "email is longer than 254"),
     (("account", "set", P, "--payment-method", "t" * 201), "payment method is longer"),
     (("account", "topup", P, "-5"), "negative"),
+    # A negative amount is the AMOUNT, with the same refusal as "-- -5", not an option.
+    (("account", "topup", P, "-5", "--ref", "R-1"), "amount must not be negative: '-5'"),
+    (("account", "topup", P, "--ref", "R-1", "-0.01"), "amount must not be negative"),
+    (("account", "payment", Q, "-5"), "amount must not be negative: '-5'"),
+    (("account", "payment", Q, "-250.00", "--ref", "INV-1"), "amount must not be negative"),
+    (("account", "topup", P, "-1,5"), "'-1,5'"),
+    (("account", "adjust", P, "-1e3"), "'-1e3'"),
     (("account", "adjust", P, "0"), "greater than zero"),
     (("account", "adjust", P, "1e3"), "'1e3'"),
 ]
@@ -333,6 +342,12 @@ USAGE_ERRORS = [
     (("account", "create", "new1", "--balance", "5"), "--prepaid or --postpaid"),
     (("account", "create", "new1", "--prepaid", "--bogus"), "--bogus"),
     (("account", "show", P, "--bogus"), "--bogus"),
+    # A money command still knows an unknown option from a negative amount.
+    (("account", "topup", P, "5", "--bogus"), "No such option '--bogus'"),
+    (("account", "topup", P, "--bogus", "5"), "No such option '--bogus'"),
+    (("account", "payment", "--bogus", Q, "5"), "No such option '--bogus'"),
+    (("account", "adjust", P, "-x"), "No such option '-x'"),
+    (("account", "adjust", P, "-2.50", "--rf", "T-1"), "No such option '--rf'"),
     (("account", "set", P), "nothing to change"),
     (("account", "set", P, "--max-channels", "abc"), "max-channels"),
     (("account", "set", P, "--max-channels", "-1"), "max-channels"),

@@ -44,3 +44,46 @@ def test_calls_list_and_kill(app, run):
     result = run("calls", "kill", "4144/nosuchcall/1")
     assert result.exit_code == 1 and "no call in progress" in result.stderr
     assert run("calls", "kill", "not-a-session").exit_code == 1
+
+
+def test_calls_list_shows_each_calls_state_and_what_is_left_of_its_grant(app, run):
+    """Ringing (no grant running yet: `-`), talking, and ending on a last grant that the
+    account's money could not extend; seconds left, never a bare `-s`."""
+    setup_plan(app)
+    prepaid(app, "4144")
+    prepaid(app, "4145", balance=1_000_000)  # CHF 1 at CHF 3/min: a 20 s grant, the last
+    eng = app.engine
+    ringing = eng.authorize("4144", "41901234567", "outbound", "1795236355.1")
+    talking = eng.authorize("4144", "41901234567", "outbound", "1795236355.2")
+    eng.answer(talking.session)
+    ending = eng.authorize("4145", "41901234567", "outbound", "1795236355.3")
+    eng.answer(ending.session)
+    assert ending.grant == 20 and eng.extend(ending.session, 20).final
+
+    listed = {c["session"]: c for c in json.loads(run("calls", "list", "--json").stdout)}
+    assert {s: c["state"] for s, c in listed.items()} == {
+        ringing.session: "ringing", talking.session: "talking", ending.session: "ending"}
+    assert listed[ringing.session]["left_seconds"] is None
+    assert 55 <= listed[talking.session]["left_seconds"] <= 60
+    assert 15 <= listed[ending.session]["left_seconds"] <= 20
+
+    out = run("calls", "list").stdout
+    assert "-s" not in out
+    header, *lines = [_columns(line) for line in out.splitlines()]
+    assert header == ["SESSION", "DESTINATION", "NODE", "STATE", "TALK", "LEFT", "COST"]
+    text = {row[0]: row for row in lines}
+    assert text[ringing.session][3:6] == ["ringing", "0s", "-"]
+    assert text[talking.session][3] == "talking"
+    assert text[ending.session][3] == "ending"
+    for session in (talking.session, ending.session):
+        left = text[session][5]
+        assert left.endswith("s") and 0 < int(left[:-1]) <= 60, left
+
+
+def _columns(line: str) -> list[str]:
+    """`calls list` is a fixed-width table (an empty NODE is a column too)."""
+    cells, at = [], 0
+    for width in (40, 16, 12, 8, 6, 6):
+        cells.append(line[at:at + width].strip())
+        at += width + 1
+    return [*cells, line[at:].strip()]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import click
 from redis import RedisError
 
@@ -259,8 +261,26 @@ def _limit_state(app: service.App, account_id: str) -> str | None:
     return None if live is None else LIMIT_STATES.get(str(live.get("lv", "")))
 
 
-# A negative amount ("-5.00") is an argument, not an unknown option.
-MONEY_SETTINGS = {"ignore_unknown_options": True}
+# "-5", "-2.50": what follows the dash is a number, and no option is named so.
+_NEGATIVE = re.compile(r"-[0-9.]")
+
+
+class MoneyCommand(click.Command):
+    """A command with an AMOUNT argument: a negative amount ("-5.00") is that argument,
+    refused or taken as any other amount is, not an unknown option; an unknown option
+    (`--bogus`, `-x`) is still one ("No such option"). Click reads every word that
+    starts with "-" as an option: such an amount is moved behind a `--`, where click
+    takes words as arguments (AMOUNT is the last argument, so the order holds)."""
+
+    def parse_args(self, ctx, args):
+        if "--" not in args:
+            # A --ref value may look like an amount too: it stays with its option.
+            moved = {i for i, arg in enumerate(args)
+                     if _NEGATIVE.match(arg) and (i == 0 or args[i - 1] != "--ref")}
+            if moved:
+                args = ([a for i, a in enumerate(args) if i not in moved] + ["--"]
+                        + [a for i, a in enumerate(args) if i in moved])
+        return super().parse_args(ctx, args)
 
 
 def _money_command(kind: str):
@@ -294,18 +314,18 @@ def _money_command(kind: str):
 
 
 account.command(
-    "topup", context_settings=MONEY_SETTINGS,
+    "topup", cls=MoneyCommand,
     help="Add prepaid credit; lifts a NO_FUNDS block.\n\n\b\nExample:\n"
          "  callguard account topup 41441234567 20.00 --ref BANK-2026-118",
 )(_money_command("topup"))
 account.command(
-    "payment", context_settings=MONEY_SETTINGS,
+    "payment", cls=MoneyCommand,
     help="Book a payment on a postpaid account: lowers what is outstanding and lifts a "
          "credit-limit block.\n\n\b\nExample:\n  callguard account payment 4144555 250.00 "
          "--ref INV-2026-11",
 )(_money_command("payment"))
 account.command(
-    "adjust", context_settings=MONEY_SETTINGS,
+    "adjust", cls=MoneyCommand,
     help="Correct a balance either way (a refund, a chargeback); negative lowers it.\n\n"
          "\b\nExample:\n  callguard account adjust 41441234567 -2.50 --ref TICKET-7731",
 )(_money_command("adjustment"))

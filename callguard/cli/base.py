@@ -17,6 +17,7 @@ from ..books.ledger import BooksError
 from ..config import ConfigError, load_settings
 from ..engine.connect import RedisUnavailable
 from ..engine.state import LayoutMismatch
+from ..logs import JsonFormatter
 from ..money import AmountError, parse_amount
 from ..nodes import NodeClash
 from ..rating import NumberError
@@ -46,12 +47,17 @@ def refusals(fn):
         except (redis.RedisError, RedisUnavailable) as exc:
             log.debug("redis failure", exc_info=True)
             raise Refused(f"Redis unavailable: {exc}") from None
-        except sqlalchemy.exc.OperationalError as exc:
+        except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.ProgrammingError) as exc:
             log.debug("database failure", exc_info=True)
             text = str(exc.orig).splitlines()[0] if str(exc.orig) else type(exc.orig).__name__
-            if "no such table" in text or "does not exist" in text:
+            # SQLite, PostgreSQL, MariaDB: a table the migrations have not made yet.
+            if any(m in text for m in ("no such table", "does not exist", "doesn't exist")):
                 raise Refused(f"the books are not set up (run `callguard db upgrade`): "
                               f"{text}") from None
+            if "permission denied" in text.lower() or "command denied" in text.lower():
+                raise Refused(f"the SQL database refused this user: {text}") from None
+            if isinstance(exc, sqlalchemy.exc.ProgrammingError):
+                raise  # a bug in callguard: the traceback is what its report needs
             raise Refused(f"the SQL database is unavailable: {text}") from None
 
     return wrapper
@@ -87,12 +93,18 @@ def report(applied: service.Applied, done: str) -> None:
 @click.version_option(package_name="callguard", message="callguard %(version)s")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False),
               help="TOML settings file (also CALLGUARD_CONFIG).")
-@click.option("--home", help="State directory (CALLGUARD_HOME, default ./.callguard).")
+@click.option("--home", help="State directory (CALLGUARD_HOME; default "
+              "$XDG_DATA_HOME/callguard, i.e. ~/.local/share/callguard; "
+              "/var/lib/callguard for a service).")
 @click.option("--redis-url", help="Redis URL (CALLGUARD_REDIS_URL); default: embedded Redis.")
 @click.option("--database-url", help="SQLAlchemy URL (CALLGUARD_DATABASE_URL); default: SQLite.")
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text",
+              show_default=True, envvar="CALLGUARD_LOG_FORMAT",
+              help="Log lines on stderr: text, or one JSON object a line for log shippers "
+                   "(also CALLGUARD_LOG_FORMAT).")
 @click.pass_context
-def cli(ctx, config_file, home, redis_url, database_url, verbose):
+def cli(ctx, config_file, home, redis_url, database_url, verbose, log_format):
     """Live credit control for Asterisk and FreeSWITCH.
 
     \b
@@ -101,13 +113,19 @@ def cli(ctx, config_file, home, redis_url, database_url, verbose):
       callguard account create 41441234567 --prepaid --balance 50.00
     """
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)]
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if log_format == "json":
+        handler = logging.StreamHandler()  # stderr, as for text
+        handler.setFormatter(JsonFormatter())
+        logging.basicConfig(level=level, handlers=[handler])
+    else:
+        logging.basicConfig(level=level,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         settings = load_settings(config_file, home=home, redis_url=redis_url,
                                  database_url=database_url)
     except ConfigError as exc:
         raise Refused(str(exc)) from None
-    ctx.obj = service.App(settings)
+    ctx.obj = service.App(settings, one_shot=True)  # serve and worker say otherwise
     ctx.call_on_close(ctx.obj.close)
 
 

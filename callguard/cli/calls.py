@@ -27,7 +27,8 @@ def calls():
 @click.pass_context
 @refusals
 def calls_list(ctx, account_id, as_json):
-    """Show live sessions: account, destination, node, talk time, grant and cost so far.
+    """Show live sessions: account, destination, node, state (ringing, talking, or ending
+    on a last grant), talk time, seconds left of the grant and cost so far.
 
     \b
     Example:
@@ -38,24 +39,40 @@ def calls_list(ctx, account_id, as_json):
     rows = []
     for s in service.live_sessions(app, account_id):
         answered = int(s["ans"]) if s.get("ans") else None
-        talk = (now - answered) // 1000 if answered else 0
+        talk = max(0, now - answered) // 1000 if answered else 0
         rate = Rate(s.get("pfx", ""), "", int(s["r"]), int(s["cf"]), int(s["i"]), int(s["s"]))
+        grant_end = int(s["ge"]) if s.get("ge") else None
+        left = max(0, grant_end - now) // 1000 if grant_end is not None else None
         rows.append({
             "session": s["session"], "account": s["account"], "direction": s["dir"],
             "destination": s["dst"], "node": s.get("node", ""),
-            "state": "talking" if answered else "ringing",
+            "state": call_state(s, left),
             "answered_for": talk,
-            "granted_until": int(s["ge"]) // 1000 if s.get("ge") else None,
+            "granted_until": grant_end // 1000 if grant_end else None,
             "granted_seconds": int(s.get("g", 0)),
+            "left_seconds": left,
             "cost_so_far": format_full(rate.cost(talk, answered is not None)),
             "reserved": format_full(int(s.get("hold", 0))),
         })
-    lines = [f"{'SESSION':<40} {'DESTINATION':<16} {'NODE':<12} {'TALK':>6} {'LEFT':>6} COST"]
+    lines = [f"{'SESSION':<40} {'DESTINATION':<16} {'NODE':<12} {'STATE':<8} {'TALK':>6} "
+             f"{'LEFT':>6} COST"]
     for r in rows:
-        left = max(0, r["granted_until"] - now // 1000) if r["granted_until"] else "-"
+        # A ringing call's grant has not started: its clock runs from the answer.
+        left = "-" if r["left_seconds"] is None else f"{r['left_seconds']}s"
         lines.append(f"{r['session']:<40} {r['destination']:<16} {r['node']:<12} "
-                     f"{r['answered_for']:>5}s {left!s:>5}s {r['cost_so_far']}")
+                     f"{r['state']:<8} {r['answered_for']:>5}s {left:>6} {r['cost_so_far']}")
     emit(rows, as_json, "\n".join(lines) if rows else "no calls in progress")
+
+
+def call_state(session: dict, left: int | None) -> str:
+    """What the session hash says (authorize.lua, answer.lua, extend.lua): `st` auth is
+    ringing, ans is answered; `fin` 1 means the grant it holds is its last (no credit for
+    more), so the call ends when it runs out, as it does once nothing of it is left."""
+    if session.get("st") != "ans":
+        return "ringing"
+    if session.get("fin") == "1" or left == 0:
+        return "ending"
+    return "talking"
 
 
 @calls.command("kill")
