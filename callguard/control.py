@@ -18,6 +18,7 @@ import logging
 import time
 from dataclasses import dataclass
 from decimal import Decimal
+from time import perf_counter
 from typing import Protocol
 
 import redis
@@ -30,6 +31,7 @@ from .engine.connect import connect_async, is_cluster
 from .engine.pipelined import PipelinedRedis
 from .engine.runner import AsyncEngine
 from .logs import Throttled
+from .metrics import ServeMetrics
 from .supervision import CallState, Extend, Hangup, PushDeadline, Release, Supervisor
 
 log = logging.getLogger(__name__)
@@ -82,13 +84,17 @@ class CallControl:
         self.engine = AsyncEngine(connect_async(app.redis_url), app.ops(node), pipelined)
         self.supervisor = Supervisor(quota=s.quota_seconds, grace=s.grace_seconds)
         self.lease = nodes.NodeLease(app.engine, node)
-        self.metrics: collections.Counter[str] = collections.Counter()
+        self.metrics = ServeMetrics(pbx.name.lower())
+        self.engine.round_trip = self.metrics.redis_round_trip
+        self._read_metrics()
         # What can happen on every call setup is logged at most once a second each.
         self.warn_unavailable = Throttled(log)
         self.warn_blind = Throttled(log, logging.ERROR)
         self.warn_fail_open = Throttled(log, logging.ERROR)
         self.warn_commit = Throttled(log)
         self.warn_plans = Throttled(log, interval=10.0)
+        self.log_denied = Throttled(log, logging.INFO)
+        self.log_cut = Throttled(log, logging.INFO)
         self.failed = asyncio.Event()  # the process must stop (its identity was taken)
         self._offset_ms = 0  # Redis clock minus ours, learned from the scripts' replies
         self._wake = asyncio.Event()
@@ -116,6 +122,24 @@ class CallControl:
         gc.collect()
         gc.freeze()
 
+    def _read_metrics(self) -> None:
+        """What a scrape reads from this process's own state (from the HTTP thread: each
+        reading takes one snapshot that the loop cannot change half way)."""
+        pbx = (self.metrics.pbx,)
+        readings = self.metrics.readings
+        readings.gauge("callguard_live_calls", "Calls this process supervises now",
+                       lambda: [(pbx, len(self.supervisor.sessions))], ("pbx",))
+        readings.gauge("callguard_reserved_money",
+                       "Money Redis holds for this process's live calls, in currency units "
+                       "(summed over accounts whatever their currency)",
+                       lambda: [(pbx, sum(t.hold for t in list(self.supervisor.sessions.values()))
+                                 / 1_000_000)], ("pbx",))
+        readings.gauge("callguard_pbx_link_up", "1 while the PBX event link is logged in",
+                       lambda: [(pbx, int(self.pbx.supervising))], ("pbx",))
+        readings.counter("callguard_pbx_link_reconnects", "Logins to the PBX after the first",
+                         lambda: [(pbx, max(0, getattr(self.pbx.link, "logins", 0) - 1))],
+                         ("pbx",))
+
     def _claim(self) -> None:
         state.check_layout(self.app.redis, self.app.keys)
         self.lease.acquire()
@@ -140,6 +164,10 @@ class CallControl:
         except REDIS_ERRORS:
             pass  # it runs out by itself
 
+    @property
+    def steps_under_way(self) -> set[asyncio.Task]:
+        return self._work
+
     def spawn(self, coro, group: set | None = None) -> asyncio.Task:
         group = self._work if group is None else group
         task = asyncio.ensure_future(coro)
@@ -156,8 +184,12 @@ class CallControl:
     async def authorize(self, account: str, destination: str, direction: str,
                         channel_id: str, channel: str) -> Decision:
         """The answer to one call setup, within the budget; never raises."""
+        started = perf_counter()
         decision = await self._decide(account, destination, direction, channel_id, channel)
-        self.metrics[f"authorize_{decision.reason.value.lower()}"] += 1
+        self.metrics.setup(decision.allow, decision.reason, perf_counter() - started)
+        if not decision.allow:
+            self.log_denied("denied %s call of %s to %s: %s", direction, account, destination,
+                            decision.reason.value)
         return decision
 
     async def _decide(self, account, destination, direction, channel_id, channel) -> Decision:
@@ -198,13 +230,13 @@ class CallControl:
             # up to this grant (commit.lua).
             deadline = decision.grant + s.grace_seconds
             decision = dataclasses.replace(decision, reason=Reason.UNAVAILABLE, final=True)
-            self.metrics["fail_open"] += 1
+            self.metrics.fail_open.inc()
             self.warn_fail_open("fail_open: %s is out of sight; allowing calls for %d s at "
                                 "most, supervised again once it is back", self.pbx.name,
                                 deadline)
         now = self.clock.monotonic()
         self.supervisor.track(decision.session, channel_id, channel,
-                              now + deadline + s.grace_seconds)
+                              now + deadline + s.grace_seconds).hold = decision.hold
         self._wake.set()  # its expiry is a timer: the loop may be asleep with none
         ended = self._ended.pop(channel_id, None)
         if ended:
@@ -215,7 +247,7 @@ class CallControl:
         s = self.settings
         decision = unavailable(s.failure_policy, s.fail_open_grant, s.grace_seconds)
         if decision.allow:
-            self.metrics["fail_open"] += 1
+            self.metrics.fail_open.inc()
             self.warn_fail_open("fail_open: allowing a call for %d s without credit control",
                                 decision.grant)
         return decision
@@ -274,6 +306,7 @@ class CallControl:
         if not self.pbx.supervising:
             # A grant the PBX cannot be told about is money held for nothing: wait.
             self.supervisor.extend_failed(action.session, self.clock.monotonic())
+            self.metrics.extend_failed.inc()
             self._wake.set()
             return
         try:
@@ -282,13 +315,18 @@ class CallControl:
         except REDIS_ERRORS as exc:
             log.warning("extend %s: %s; retrying", action.session, exc)
             self.supervisor.extend_failed(action.session, self.clock.monotonic())
+            self.metrics.extend_failed.inc()
             self._wake.set()
             return
+        self.metrics.extend_ok.inc()
         await self._granted(action.session, grant)
 
     async def _granted(self, session: str, grant, resumed: bool = False) -> None:
         if not self.clock.simulated:
             self._offset_ms = grant.now_ms - int(time.time() * 1000)
+        tracked = self.supervisor.sessions.get(session)
+        if tracked is not None and grant.hold is not None:
+            tracked.hold = grant.hold
         await self.execute(self.supervisor.granted(session, grant, self.clock.monotonic(),
                                                    resumed))
 
@@ -321,9 +359,12 @@ class CallControl:
             if isinstance(action, Extend):
                 self.spawn(self._extend(action))
             elif isinstance(action, PushDeadline):
-                await self.pbx.push_deadline(action.channel, action.seconds)
+                pushed = await self.pbx.push_deadline(action.channel, action.seconds)
+                (self.metrics.push_ok if pushed else self.metrics.push_failed).inc()
             elif isinstance(action, Hangup):
-                log.info("hanging up %s (cause %d)", action.channel, action.cause)
+                self.log_cut("hanging up %s (cause %d, %s)", action.channel, action.cause,
+                             action.why.replace("_", " "))
+                self.metrics.cutoffs[action.why].inc()
                 await self._cut(action.session, action.channel, action.cause)
             elif isinstance(action, Release):
                 self._commit_soon(action.session, "released", "release", None)
@@ -412,7 +453,9 @@ class CallControl:
         ends_ms = int(fields.get("setup", 0)) + 1000 * (
             s.ring_seconds + int(fields.get("g", 0)) + 2 * s.grace_seconds)
         expires = self.clock.monotonic() + max(0, ends_ms - self.redis_ms()) / 1000
-        return self.supervisor.track(session, live.channel_id, live.channel, expires)
+        tracked = self.supervisor.track(session, live.channel_id, live.channel, expires)
+        tracked.hold = int(fields.get("hold", 0))  # what the metrics add up
+        return tracked
 
     # -- operators, plans, housekeeping -------------------------------------------------------
     async def _listen(self) -> None:
@@ -441,6 +484,7 @@ class CallControl:
             tracked = self.supervisor.sessions.get(session)
             if tracked:
                 log.warning("operator ends %s", session)
+                self.metrics.cutoffs["operator"].inc()
                 await self._cut(session, tracked.channel)
 
     async def _reload_plans(self) -> None:

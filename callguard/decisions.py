@@ -52,6 +52,7 @@ class Decision:
     # Seconds from now the PBX may keep an allowed call if it never hears from us again
     # (its own dead man's switch at setup), 0 for a deny.
     deadline: int = 0
+    hold: int = 0  # micro-units Redis holds for the call now (the process's metrics)
 
     @property
     def result(self) -> str:

@@ -49,7 +49,7 @@ from email.utils import format_datetime
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import httpx
-from sqlalchemy import or_, select, update
+from sqlalchemy import func, or_, select, update
 
 from .books.models import Account, Notification, as_utc, utcnow
 from .config import Settings
@@ -524,6 +524,26 @@ def compose(notice: Notification, sender: str, to: str) -> EmailMessage:
 
 
 # -- the operator's view -----------------------------------------------------------------
+
+FAILED_WINDOW = timedelta(hours=24)
+
+
+def backlog(app) -> dict[str, int]:
+    """Notices waiting for delivery (none while no channel is configured: they are kept)
+    and notices given up in the last FAILED_WINDOW, for the metrics: an alert on the given
+    up ends by itself, rather than for ever after one refused mailbox."""
+    settings = app.settings
+    waiting = (select(func.count()).select_from(Notification)
+               .join(Account, Account.id == Notification.account)
+               .where(Notification.sent_at.is_(None), Notification.failed_at.is_(None)))
+    if not settings.webhook_url:  # as deliver_due: mail only skips accounts without one
+        waiting = waiting.where(Account.email.is_not(None), Account.email != "")
+    with app.books.session() as db:
+        failed = db.scalar(select(func.count()).select_from(Notification).where(
+            Notification.failed_at >= as_utc(utcnow()) - FAILED_WINDOW))
+        pending = db.scalar(waiting) if settings.smtp_url or settings.webhook_url else 0
+    return {"pending": pending, "failed": failed}
+
 
 def notice_rows(app, account: str | None = None, limit: int = 100) -> list[dict]:
     """The newest notices (one account's, or all), with their delivery state: `sent`,

@@ -46,6 +46,7 @@ class Hangup:
     session: str
     channel: str
     cause: int = CUTOFF_CAUSE
+    why: str = "no_credit"  # or "lost": Redis no longer holds the session
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +71,7 @@ class Tracked:
     expires: float = 0.0  # local clock: when a call still ringing is given up
     cut_ms: int | None = None  # when we hung it up ourselves (Redis clock): bill to then
     answered_ms: int | None = None  # when the PBX answered it (Redis clock)
+    hold: int = 0  # micro-units Redis holds for it (metrics only)
 
 
 @dataclass
@@ -142,7 +144,7 @@ class Supervisor:
         if not grant.live:
             # Redis no longer supervises this call (swept, killed, lost): it must not go on.
             self.forget(session)
-            return [Hangup(session, tracked.channel)]
+            return [Hangup(session, tracked.channel, why="lost")]
         changed = resumed or grant.grant != tracked.grant or tracked.state is not CallState.TALKING
         tracked.state = CallState.TALKING
         tracked.grant, tracked.final = grant.grant, grant.final

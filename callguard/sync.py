@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 
 import redis
@@ -57,6 +57,7 @@ class Drain:
         self.app, self.consumer, self.count = app, consumer, count
         self.reread = True  # read our own pending entries first (after a start or a failure)
         self.warn_dead = Throttled(log, logging.ERROR)
+        self.booked: Counter[str] = Counter()  # since the start: "calls", "limit events"
 
     def run_once(self) -> int:
         """Book what is waiting; returns how many entries were settled. After a failure
@@ -139,6 +140,10 @@ class Drain:
                     self._dead_letter(shard, entry_id, fields, exc)
                     dead.add((shard, entry_id))  # ids repeat across streams
             taken = [t for t in taken if t[:2] not in dead]
+        kinds = {"commit": "calls", "limit": "limit events"}
+        for _, _, fields in taken:
+            if fields and fields.get("type") in kinds:
+                self.booked[kinds[fields["type"]]] += 1
         if hang_up:
             self._hang_up(hang_up)
         by_shard: dict[int, list[str]] = defaultdict(list)

@@ -21,7 +21,7 @@ from datetime import datetime, timedelta
 from urllib.parse import urlsplit
 
 import httpx
-from sqlalchemy import or_, select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
 from . import service
@@ -233,3 +233,10 @@ def _line(text: str, limit: int = 300) -> str:
     """One line of printable text: it goes into logs, notices and String(N) columns."""
     text = "".join(c for c in text if ord(c) >= 32 and ord(c) != 127 or c.isspace())
     return " ".join(text.split())[:limit]
+
+
+def pending_count(app) -> int:
+    """Auto top-ups requested and not charged yet (the metrics)."""
+    with app.books.session() as db:
+        return db.scalar(select(func.count()).select_from(AutoTopup)
+                         .where(AutoTopup.state == "pending"))

@@ -322,15 +322,62 @@ def test_silent_and_vanishing_peers_cost_bounded_time(plan, monkeypatch):
             half = socket.create_connection(("127.0.0.1", port))
             half.sendall(b"agi_network: yes\nagi_channel: x\n")
             half.close()  # gone mid-request
-            # The server drops it by itself, long before this socket's own 10 s timeout.
+            # Part of the environment, then nothing: no blank line, so no AGI command may
+            # go out (there is nothing to answer yet); it is closed without a word.
+            stalled = socket.create_connection(("127.0.0.1", port), timeout=10)
+            stalled.sendall(sim.agi_headers(sim.new_call(ACCT, PREMIUM), "authorize")[0])
+            # The server drops both by itself, long before these sockets' own 10 s timeout.
             data = await asyncio.to_thread(silent.recv, 10)
             silent.close()
+            cut = await asyncio.to_thread(stalled.recv, 10)
+            stalled.close()
             call = await sim.call(ACCT, PREMIUM, ring=0.01, talk=0.01)
-            return data, call
+            return data, cut, call
 
-    data, call = run(scenario())
+    data, cut, call = run(scenario())
     assert data == b""
+    assert cut == b""
     assert call.allowed
+
+
+def test_a_decision_that_does_not_come_is_still_a_deny(plan, monkeypatch):
+    """Once Asterisk has sent its whole environment a command may go out, and Asterisk
+    waits for one as long as the socket stays open. Should the decision not come (the call
+    control stuck past its budget), the channel is still told DENY/UNAVAILABLE by SET
+    VARIABLE before the close; the header deadline is over by then."""
+    monkeypatch.setattr("callguard.adapters.asterisk.HEADER_TIMEOUT", 0.2)
+    prepaid(plan, ACCT, balance=50_000_000)
+    release = asyncio.Event()
+    late = []
+
+    async def stuck(request):
+        late.append(asyncio.current_task())
+        await release.wait()
+        return [("CALLGUARD_RESULT", "ALLOW")]  # too late: must not go out
+
+    async def scenario():
+        async with rig(plan, agi_budget_ms=50) as (sim, adapters):
+            monkeypatch.setattr(adapters[0], "authorize", stuck)
+            call = sim.new_call(ACCT, PREMIUM)
+            # As Asterisk does: the environment in its two writes, then it waits, the
+            # socket open; here it does not even answer the commands.
+            raw = await asyncio.to_thread(_raw, adapters[0].port,
+                                          b"".join(sim.agi_headers(call, "authorize")),
+                                          half_close=False)
+            dialled = await sim.call(ACCT, PREMIUM, ring=0.01, talk=0.01)
+            release.set()
+            await asyncio.gather(*late)  # the decisions that came late: dropped, no error
+            return raw, dialled
+
+    raw, dialled = run(scenario())
+    assert raw == (b'SET VARIABLE CALLGUARD_RESULT "DENY"\n'
+                   b'SET VARIABLE CALLGUARD_REASON "UNAVAILABLE"\n'
+                   b'SET VARIABLE CALLGUARD_GRANT "0"\n'
+                   b'SET VARIABLE CALLGUARD_MAXSEC "0"\n'
+                   b'SET VARIABLE CALLGUARD_SESSION ""\n')  # then our half-close: EOF
+    assert dialled.agi_status == "SUCCESS" and not dialled.allowed
+    assert (dialled.variables["CALLGUARD_RESULT"], dialled.variables["CALLGUARD_REASON"]) == (
+        "DENY", "UNAVAILABLE")
 
 
 def test_only_allowed_addresses_may_use_fastagi(plan):

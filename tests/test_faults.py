@@ -331,10 +331,10 @@ def test_an_account_redis_lost_does_not_hold_up_the_others(books_app):
 
 def test_a_second_worker_with_the_same_node_is_refused(books_app):
     app = books_app
-    first = worker(app)
+    first = worker(app, CALLGUARD_HTTP_BIND="off")  # the two would share a metrics port
     try:
         wait_for(lambda: app.redis.exists(app.keys.node("worker-t")), "the first worker's lease")
-        second = worker(app)
+        second = worker(app, CALLGUARD_HTTP_BIND="off")
         assert second.wait(timeout=30) == 1
         message = second.stderr.read().strip().splitlines()
         assert len(message) == 1 and "node worker-t is in use by pid" in message[0]

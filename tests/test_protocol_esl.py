@@ -684,7 +684,8 @@ def test_outbound_server_drops_a_peer_that_breaks_the_protocol(plan, monkeypatch
         async with fs_rig(plan) as (sim, [adapter]):
             got = await hostile_peer(adapter.port, send)
             assert b"myevents" not in got and b"sendmsg" not in got
-            assert adapter.metrics["esl_bad_request"] == 1
+            assert adapter.metrics.registry.get_sample_value(
+                "callguard_setup_bad_requests_total", {"pbx": "freeswitch"}) == 1
             await asyncio.sleep(0.05)
             assert adapter.supervisor.sessions == {}
             assert snapshot(plan, ACCT) == before

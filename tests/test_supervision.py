@@ -63,7 +63,7 @@ def test_a_session_redis_no_longer_supervises_is_hung_up():
     sup = Supervisor()
     sup.track("a/1/1", "1", "ch", 600.0)
     assert sup.granted("a/1/1", grant(60, 0, state="unknown"), now=1.0) == [
-        Hangup("a/1/1", "ch", 16)]
+        Hangup("a/1/1", "ch", 16, why="lost")]
     assert sup.find("1") is None
 
 

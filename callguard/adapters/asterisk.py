@@ -19,6 +19,7 @@ from ..clock import Clock
 from ..config import split_hostport
 from ..control import LiveChannel
 from ..decisions import Reason, denied
+from ..logs import Throttled
 from ..nodes import default_node
 from ..protocol import agi, ami
 from ..protocol.errors import ProtocolError
@@ -26,8 +27,17 @@ from .ami_client import AMIClient, AMIError
 from .common import PBXAdapter, SetupConnection
 
 log = logging.getLogger(__name__)
+_warn_no_decision = Throttled(log)
 
-HEADER_TIMEOUT = 5.0  # Asterisk sends its headers at once; a silent peer is dropped
+# Asterisk sends its whole AGI environment at once, on connect. A peer that has not sent
+# all of it (up to the blank line) within this is closed without a reply: AGI has no
+# command before that line. To Asterisk a close is a script that set nothing, which the
+# shipped dialplan denies (UNAVAILABLE).
+HEADER_TIMEOUT = 5.0
+# Once the environment is in, a command may go out and a reply is due: the decision comes
+# within agi_budget_ms. Should it not have come this much later, the connection sets
+# DENY/UNAVAILABLE itself: a request is never closed on without a result.
+REPLY_MARGIN = 1.0
 DRAIN_TIMEOUT = 2.0  # after our reply, how long we wait for Asterisk's replies and EOF
 UP = "6"  # ChannelState of an answered channel
 
@@ -173,18 +183,34 @@ class AGIConnection(SetupConnection):
             request = self.reader.feed(data)
         except ProtocolError as exc:
             self.adapter.warn_bad_request("bad FastAGI request: %s", exc)
-            self.adapter.metrics["agi_bad_request"] += 1
+            self.adapter.metrics.bad_requests.inc()
             self._reply(denied(Reason.BAD_REQUEST).channel_variables())
             return
         if request is not None:
             self.task = asyncio.ensure_future(self._handle(request))
+            self._reply_due(request)
+
+    def _reply_due(self, request: agi.AGIRequest) -> None:
+        """The environment is in: the header deadline gives way to the reply's."""
+        if self.timer:
+            self.timer.cancel()
+        due = self.adapter.settings.agi_budget_ms / 1000 + REPLY_MARGIN
+        self.timer = asyncio.get_running_loop().call_later(due, self._no_decision, request,
+                                                           due)
+
+    def _no_decision(self, request: agi.AGIRequest, due: float) -> None:
+        # The call control overran its own budget (or failed): the channel is told, and a
+        # session the decision may still reserve is released by the channel's hangup.
+        _warn_no_decision("FastAGI %s: no decision within %.1f s: denied (UNAVAILABLE)",
+                          request.uniqueid, due)
+        self._reply(denied(Reason.UNAVAILABLE).channel_variables())
 
     async def _handle(self, request: agi.AGIRequest) -> None:
         self._reply(await self.adapter.authorize(request))
 
     def _reply(self, variables) -> None:
-        if self.transport.is_closing():
-            return
+        if self.replied or self.transport.is_closing():
+            return  # one reply a request: a decision after the deny of _no_decision
         # All commands in one write, then half-close: Asterisk runs them all and answers in
         # one round trip (without the FIN it would stall after the first, see agi-pipelined).
         self.transport.write(agi.authorize_reply(variables))
@@ -196,7 +222,7 @@ class AGIConnection(SetupConnection):
     def eof_received(self) -> bool:
         if not self.replied and self.task is None:
             # The request stopped half way: whoever is left reading gets a deny.
-            self.adapter.metrics["agi_eof_before_request"] += 1
+            self.adapter.metrics.bad_requests.inc()
             self._reply(denied(Reason.BAD_REQUEST).channel_variables())
         self.transport.close()
         return True

@@ -8,10 +8,11 @@ import ipaddress
 import logging
 import signal
 
-from .. import service
+from .. import sdnotify, service
 from ..clock import Clock
 from ..config import split_hostport
 from ..control import CallControl
+from ..health import DEFAULT_BIND, Health
 from ..logs import Throttled
 
 log = logging.getLogger(__name__)
@@ -103,12 +104,26 @@ class PBXAdapter:
             return False
         self.warn_refused("%s connection from %s refused (not allowed by the settings)",
                           self.name, peer)
-        self.metrics["setup_refused"] += 1
+        self.metrics.refused.inc()
         transport.abort()
         return True
 
     async def _logged_in(self) -> None:
         await self.control.reconcile()
+
+    def readiness_checks(self) -> dict:
+        """What /readyz asks (from the HTTP thread): Redis answers, this process holds
+        its node identity, the PBX event link is up."""
+
+        def pbx_link():
+            if self.link is None:
+                return f"{self.link_setting} is not set: no event link"
+            return None if self.supervising else f"{self.name} event link is down"
+
+        return {"redis": lambda: self.app.redis.ping() and None,
+                "node_identity": lambda: None if self.control.identity else (
+                    "node identity not held yet (Redis away since the start)"),
+                "pbx_link": pbx_link}
 
 
 class SetupConnection(asyncio.Protocol):
@@ -139,22 +154,45 @@ def serve(adapter: PBXAdapter) -> int:
     status."""
     host, port = split_hostport(getattr(adapter.settings, adapter.bind_setting))
 
+    health = Health(f"serve {adapter.name.lower()}", adapter.metrics.registry,
+                    adapter.readiness_checks())
+
     async def main():
         await adapter.start(host, port)
+        health.start(adapter.settings.http_bind or DEFAULT_BIND["serve"])
+        adapter.app.serving()  # from now on the embedded Redis, if used, stays up for us
         log.info("callguard serving %s on %s:%d (node %s)", adapter.setup_protocol, host, port,
                  adapter.control.node)
+        sdnotify.ready(f"serving {adapter.setup_protocol} on {host}:{port}")
+        pinging = asyncio.ensure_future(_watchdog(sdnotify.watchdog_interval()))
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+        signals = []
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, lambda sig=sig: (signals.append(sig), stop.set()))
         waits = [asyncio.ensure_future(e.wait()) for e in (stop, adapter.control.failed)]
         await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-        for waiting in waits:
+        for waiting in (*waits, pinging):
             waiting.cancel()
+        sdnotify.stopping()
+        why = signal.Signals(signals[0]).name if signals else "node identity taken"
+        log.info("stopping (%s): no new calls; finishing %d call step(s) under way", why,
+                 len(adapter.control.steps_under_way))
         await adapter.stop()
+        health.stop()
+        log.info("stopped; %d call(s) stay in Redis for the next start to reconcile",
+                 len(adapter.supervisor.sessions))
         return 1 if adapter.control.failed.is_set() else 0
 
     return run_loop(main())
+
+
+async def _watchdog(every: float | None) -> None:
+    """WATCHDOG=1 from the event loop itself (a unit's WatchdogSec=): a stuck loop stops
+    pinging, and systemd restarts the process."""
+    while every:
+        sdnotify.watchdog()
+        await asyncio.sleep(every)
 
 
 def run_loop(coro):

@@ -204,7 +204,7 @@ class OutboundSession(SetupConnection):
             # Not FreeSWITCH talking: nothing is set, so the dialplan's re-check after
             # `socket` hangs the call up.
             self.adapter.warn_bad_request("bad outbound ESL data: %s", exc)
-            self.adapter.metrics["esl_bad_request"] += 1
+            self.adapter.metrics.bad_requests.inc()
             self.transport.abort()
             return
         for message in messages:
@@ -218,7 +218,7 @@ class OutboundSession(SetupConnection):
         elif isinstance(message, esl.CommandReply | esl.ApiResponse):
             if self.channel is None:
                 if not isinstance(message, esl.CommandReply) or not message.get("Unique-ID"):
-                    self.adapter.metrics["esl_bad_request"] += 1
+                    self.adapter.metrics.bad_requests.inc()
                     self.transport.abort()
                     return
                 self.channel = message

@@ -41,6 +41,7 @@ class EventLink:
         self.timeout, self.keepalive = timeout, keepalive
         self._writer: asyncio.StreamWriter | None = None
         self.connected = asyncio.Event()
+        self.logins = 0  # every login since the start (the metrics count reconnects)
 
     def __repr__(self) -> str:  # never shows a secret
         return f"{type(self).__name__}({self.host}:{self.port})"
@@ -71,6 +72,7 @@ class EventLink:
         try:
             await self._login()
             log.info("%s logged in to %s:%s", self.protocol, self.host, self.port)
+            self.logins += 1
             self.connected.set()
             tasks.add(_task(self._keepalive()))
             if self.on_login:

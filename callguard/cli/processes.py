@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import click
 
 from .. import sync
@@ -54,10 +56,20 @@ def serve_freeswitch(ctx):
     _serve(ctx, FreeSWITCHAdapter)
 
 
+def service_logging() -> None:
+    """A long-running process says when it starts and stops, what it did each minute and
+    each denial (throttled): INFO, unless -v asked for more."""
+    root = logging.getLogger()
+    if root.getEffectiveLevel() > logging.INFO:
+        root.setLevel(logging.INFO)
+
+
 def _serve(ctx, adapter_class) -> None:
     from ..adapters.common import serve as run
 
-    adapter = adapter_class(app_of(ctx))
+    service_logging()
+    app = app_of(ctx)
+    adapter = adapter_class(app)
     try:
         status = run(adapter)
     except OSError as exc:
@@ -80,6 +92,8 @@ def worker(ctx, once):
     """
     from ..worker import run
 
+    if not once:
+        service_logging()
     app = app_of(ctx)
     run(app, app.settings.node or default_node("worker"), once=once)
 

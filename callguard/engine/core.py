@@ -141,6 +141,7 @@ class Grant:
     grant_end_ms: int
     final: bool
     now_ms: int  # the clock the script used: schedule from it, not from the local clock
+    hold: int | None = None  # micro-units held for the session now (None: unchanged)
 
     @property
     def left_ms(self) -> int:
@@ -235,7 +236,7 @@ class Ops:
             if reason != "UNKNOWN_ACCOUNT":  # a flood of made-up accounts stays out of memory
                 self.plans.account_plan[account] = plan
             return Decision(bool(int(allow)), Reason(reason), session, int(grant),
-                            maxsec=int(maxsec))
+                            maxsec=int(maxsec), hold=int(extra or 0))
 
         return Call("authorize", keys, args, parse)
 
@@ -293,8 +294,9 @@ def _at(ms: int | None):
 
 
 def _grant(reply) -> Grant:
-    state, grant, grant_end, final, now = reply
-    return Grant(state, int(grant), int(grant_end), bool(int(final)), int(now))
+    state, grant, grant_end, final, now, *hold = reply  # extend also tells the hold
+    return Grant(state, int(grant), int(grant_end), bool(int(final)), int(now),
+                 int(hold[0]) if hold else None)
 
 
 def _charge(reply) -> Charge:

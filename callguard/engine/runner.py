@@ -4,6 +4,7 @@ or from asyncio. Both only run what `core.Ops` builds; neither holds a rule."""
 from __future__ import annotations
 
 import asyncio
+from time import perf_counter
 
 from .core import Call, Ops, script_sources
 
@@ -45,6 +46,7 @@ class AsyncEngine(_Engine):
     def __init__(self, client, ops: Ops, pipelined=None):
         super().__init__(client, ops)
         self.pipelined = pipelined
+        self.round_trip: dict = {}  # script name -> a histogram to observe its round trip in
 
     async def warm(self, connections: int = 8) -> None:
         """Open connections and load the scripts before the first call needs them."""
@@ -58,10 +60,14 @@ class AsyncEngine(_Engine):
         result = call
         while isinstance(result, Call):
             script = self.scripts[result.script]
+            started = perf_counter()
             if self.pipelined:
                 reply = await self.pipelined.evalsha(script.sha, script.script, result.keys,
                                                      result.args)
             else:
                 reply = await script(keys=result.keys, args=result.args)
+            timing = self.round_trip.get(result.script)
+            if timing is not None:
+                timing.observe(perf_counter() - started)
             result = result.parse(reply)
         return result

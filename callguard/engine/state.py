@@ -133,3 +133,23 @@ def pending_commits(client, keys: Keys, shard: int, dead: bool = False) -> list[
     stream = keys.dead(shard) if dead else keys.events(shard)
     return [fields for _, fields in client.xrange(stream) if fields.get("type") == "commit"]
 
+
+def stream_backlog(client, keys: Keys) -> list[tuple[int, int, int, int]]:
+    """(shard, lag, pending, dead letters) of every shard: entries the worker has not read
+    yet, read and not settled, set aside. Lag is what Redis 7 tells (0 on older ones)."""
+    pipe = client.pipeline(transaction=False)
+    for shard in range(SHARDS):
+        pipe.xinfo_groups(keys.events(shard))
+        pipe.xlen(keys.dead(shard))
+    replies = pipe.execute(raise_on_error=False)
+    backlog = []
+    for shard in range(SHARDS):
+        groups, dead = replies[2 * shard], replies[2 * shard + 1]
+        ours = [] if isinstance(groups, Exception) else [
+            g for g in groups if g.get("name") == GROUP]
+        if isinstance(dead, Exception):
+            raise dead
+        if ours:
+            backlog.append((shard, int(ours[0].get("lag") or 0), int(ours[0]["pending"]),
+                            int(dead)))
+    return backlog

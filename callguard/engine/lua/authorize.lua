@@ -2,7 +2,8 @@
 -- ARGV: now, account, channel, direction, destination, plan, has_rate, prefix, rate,
 --       connect_fee, initial, subsequent, rate_blocked, quota, node, ring_s, grace_s, stale_s,
 --       blind ('1': allowed while the PBX is out of sight, under fail_open)
--- Returns {allow, reason, session_id, grant, maxsec, extra}.
+-- Returns {allow, reason, session_id, grant, maxsec, extra}: extra is the money held for
+-- the session when allowed (for the process's metrics), the account's plan for 'PLAN'.
 -- A deny writes nothing but the account's counters (setups, fraud strikes): a flood of
 -- denied setups leaves no footprint in Redis.
 local acct, sess, live, seq, events = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
@@ -11,12 +12,12 @@ local now = clock(ARGV[1])
 local direction, destination = ARGV[4], ARGV[5]
 local ring_s, grace_s, stale_s = num(ARGV[16]), num(ARGV[17]), num(ARGV[18])
 
-local cur = redis.call('HMGET', sess, 'n', 'st', 'dir', 'dst', 'g', 'mx')
+local cur = redis.call('HMGET', sess, 'n', 'st', 'dir', 'dst', 'g', 'mx', 'hold')
 if cur[2] == 'auth' and cur[3] == direction and cur[4] == destination then
   -- The same request again on this channel (a dialplan that retries the number): the same
   -- answer, and the ring allowance starts again, as the PBX's own timeout does.
   redis.call('ZADD', live, now + (ring_s + num(cur[5]) + grace_s + stale_s) * 1000, member)
-  return {1, 'OK', member .. '/' .. cur[1], num(cur[5]), num(cur[6]), ''}
+  return {1, 'OK', member .. '/' .. cur[1], num(cur[5]), num(cur[6]), cur[7] or '0'}
 end
 
 local a = redis.call('HMGET', acct, 'status', 'plan')
@@ -101,4 +102,4 @@ redis.call('HSET', sess, 'n', n, 'st', 'auth', 'acct', ARGV[2], 'ch', ARGV[3], '
 redis.call('ZADD', live, now + (ring_s + grant + grace_s + stale_s) * 1000, member)
 a.reserved = reserved + hold
 watch(acct, events, ARGV[2], false, a)
-return {1, 'OK', member .. '/' .. n, grant, maxsec, ''}
+return {1, 'OK', member .. '/' .. n, grant, maxsec, tostring(hold)}

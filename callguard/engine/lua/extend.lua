@@ -4,20 +4,20 @@
 -- (expected_grant) extends it, so a retried or late extend adds nothing twice.
 -- A blocked account gets no more slices: its calls end with the grant they have; nor
 -- does one past its spend per hour.
--- Returns {state, grant, grant_end, final, now}
+-- Returns {state, grant, grant_end, final, now, hold}
 local acct, sess, live = KEYS[1], KEYS[2], KEYS[3]
 local now = clock(ARGV[1])
 local f = redis.call('HMGET', sess, 'n', 'st', 'g', 'ge', 'fin', 'hold', 'r', 'cf', 'i', 's',
   'acct', 'ch')
-if not f[1] then return {'unknown', 0, 0, 0, now} end
-if f[1] ~= ARGV[2] then return {'superseded', 0, 0, 0, now} end
+if not f[1] then return {'unknown', 0, 0, 0, now, 0} end
+if f[1] ~= ARGV[2] then return {'superseded', 0, 0, 0, now, 0} end
 local granted, grant_end, final = num(f[3]), num(f[4]), num(f[5])
 if f[2] ~= 'ans' or final == 1 or granted ~= num(ARGV[4]) then
-  return {f[2], granted, grant_end, final, now}
+  return {f[2], granted, grant_end, final, now, num(f[6])}
 end
 local quota = num(ARGV[3])
 -- Too early: more than one slice still to run. Nothing to do yet.
-if grant_end - now > quota * 1000 then return {'ans', granted, grant_end, 0, now} end
+if grant_end - now > quota * 1000 then return {'ans', granted, grant_end, 0, now, num(f[6])} end
 local r, cf, i, s = num(f[7]), num(f[8]), num(f[9]), num(f[10])
 local hold = num(f[6])
 local want = slice_target(granted, quota, i, s)
@@ -45,7 +45,7 @@ if not is_blocked(a) then
 end
 if grant <= granted then
   redis.call('HSET', sess, 'fin', 1)
-  return {'ans', granted, grant_end, 1, now}
+  return {'ans', granted, grant_end, 1, now, hold}
 end
 local new_hold = cost_of(grant, r, cf)
 local new_end = grant_end + (grant - granted) * 1000
@@ -54,4 +54,4 @@ redis.call('HINCRBY', acct, 'reserved', new_hold - hold)
 redis.call('HSET', sess, 'g', grant, 'ge', new_end, 'hold', new_hold, 'fin', final)
 redis.call('ZADD', live, new_end + num(ARGV[5]) * 1000, f[11] .. '/' .. f[12])
 watch(acct, KEYS[4], f[11], false)
-return {'ans', grant, new_end, final, now}
+return {'ans', grant, new_end, final, now, new_hold}
