@@ -297,7 +297,9 @@ def start_target(args, env: BenchEnv | None,
     if args.target == "callguard":
         # An AMI peer: without an event link the serve process denies every call
         # (fail_closed); nothing is answered here, so it only tracks the calls it allows.
+        args.http_port = common.free_port()  # /metrics, scraped with --scrape-every
         server = serve_asterisk(env, port, ami_url=pbx.ami_url, cpu=cpu,
+                                CALLGUARD_HTTP_BIND=f"127.0.0.1:{args.http_port}",
                                 **common.server_env(args))
         server.start()
         deadline = time.monotonic() + 30
@@ -435,6 +437,9 @@ def main() -> int:
                         help="profile the server with py-spy during the first measured run "
                              "(FILE.svg flame graph, FILE.txt collapsed stacks for "
                              "bench/pyspy_top.py, FILE.json speedscope)")
+    parser.add_argument("--scrape-every", type=float, default=0.0, metavar="SECONDS",
+                        help="callguard: a scraper GETs the server's /metrics this often "
+                             "while measuring (Prometheus scrapes every 15-60 s; 1 is harsh)")
     parser.add_argument("--no-uvloop-server", action="store_true",
                         help="minimal target: plain asyncio in the server")
     common.add_common_args(parser)
@@ -503,6 +508,8 @@ def main() -> int:
                     "redis": common.redis_pid(args.redis_url)}
             log_before = server.log_lines() if server else 0
 
+            scraper = common.Scraper(args.http_port, args.scrape_every) if (
+                args.scrape_every and args.target == "callguard") else None
             if args.warmup > 0:
                 warm = 500.0 if args.find_max else min(args.rate, 500.0)
                 w = run_once(gen, pids, warm, args.warmup, loop.run_until_complete)
@@ -536,6 +543,9 @@ def main() -> int:
                             ["metric", "median", "min", "max"], "median and spread over runs")
                 result.update({"rate": args.rate, "duration": args.duration, "runs": rows,
                                "summary": summary})
+            if scraper:
+                result["scrapes"] = scraper.stop()
+                print(f"# scraper: {result['scrapes']}")
             if server:
                 new_lines = server.log_lines() - log_before
                 if new_lines:

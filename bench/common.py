@@ -24,6 +24,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -293,6 +294,40 @@ def gcprobe_summary(log_path: Path) -> dict | None:
     except OSError:
         return None
     return json.loads(last) if last else None
+
+
+class Scraper:
+    """GETs a server's /metrics every `every` seconds in a thread, as Prometheus would."""
+
+    def __init__(self, port: int, every: float):
+        import httpx
+
+        self.url, self.every = f"http://127.0.0.1:{port}/metrics", every
+        self.client = httpx.Client(timeout=10)
+        self.times: list[float] = []
+        self.sizes: list[int] = []
+        self.errors = 0
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.done.wait(self.every):
+            started = time.perf_counter()
+            try:
+                self.sizes.append(len(self.client.get(self.url).content))
+                self.times.append(time.perf_counter() - started)
+            except Exception:  # noqa: BLE001 - counted, the load goes on
+                self.errors += 1
+
+    def stop(self) -> dict:
+        self.done.set()
+        self.thread.join(timeout=15)
+        times = sorted(self.times) or [float("nan")]
+        return {"scrapes": len(self.times), "errors": self.errors,
+                "median_ms": round(1000 * times[len(times) // 2], 2),
+                "max_ms": round(1000 * times[-1], 2),
+                "bytes": self.sizes[-1] if self.sizes else 0}
 
 
 def callguard_argv(*args: str) -> list[str]:

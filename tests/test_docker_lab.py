@@ -1,7 +1,11 @@
 """The Docker lab's FreeSWITCH side (docker/compose.yaml, profile "freeswitch", and
 docker/freeswitch/): files that exist, addresses, ports and passwords that agree, and
 the lab's copies of the shipped FreeSWITCH files differing from them only where the
-lab must.
+lab must.  And what docker/README.md and docker/lab/run-native.md claim about the
+Asterisk side that the files can show: the modules an image must load (every
+application and function the dialplan uses), the SIPp command lines (as compose.yaml
+runs them, each with the -i its PBX identifies SIPp by), and the native run's edits,
+applied to the lab's files.
 
 There is no Docker engine and no FreeSWITCH here, and no YAML library in the project's
 environment: compose.yaml is read by indentation, the FreeSWITCH XML by ElementTree,
@@ -18,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from callguard.adapters.ami_client import parse_ami_url
 from callguard.adapters.esl_client import ESLClient, parse_esl_url
 from callguard.adapters.freeswitch import FreeSWITCHAdapter
 from callguard.config import load_settings
@@ -418,3 +423,291 @@ def test_every_lab_address_in_the_freeswitch_files_is_a_service_of_the_lab(lab):
         for found in re.findall(r"\b172\.28\.0\.\d+\b(?!/24)", path.read_text(encoding="utf-8")):
             assert found in known, f"{path.relative_to(ROOT)}: {found}"
 
+
+# --- the Asterisk side: the modules an image must load ----------------------------------------
+
+
+ASTERISK_DIALPLAN = [DOCKER / "asterisk" / "extensions.conf",
+                     ROOT / "dialplan" / "asterisk" / "callguard.conf"]
+PJSIP = DOCKER / "asterisk" / "pjsip.conf"
+README = DOCKER / "README.md"
+NATIVE = DOCKER / "lab" / "run-native.md"
+FRAUD = DOCKER / "sipp" / "fraud.xml"
+# Dialplan applications -> the module that registers them; None: Asterisk's core
+# (main/pbx_builtins.c, main/pbx_variables.c).
+APPLICATIONS = {"Gosub": "app_stack", "Return": "app_stack", "Dial": "app_dial",
+                "Milliwatt": "app_milliwatt", "ExecIf": "app_exec", "Log": "app_verbose",
+                "AGI": "res_agi", "NoOp": None, "Set": None, "Goto": None, "GotoIf": None,
+                "Hangup": None, "Ringing": None, "Wait": None, "Answer": None}
+FUNCTIONS = {"CHANNEL": "func_channel", "URIENCODE": "func_uri", "LEN": "func_strings",
+             "FILTER": "func_strings", "DIALPLAN_EXISTS": "func_dialplan",
+             "LOCAL": "app_stack", "TIMEOUT": "func_timeout", "CDR": "func_cdr"}
+CHANNEL_TECHS = {"Local": None, "PJSIP": "chan_pjsip"}  # core_local is in the core
+PJSIP_TYPES = {"transport": "res_pjsip", "endpoint": "chan_pjsip",
+               "identify": "res_pjsip_endpoint_identifier_ip"}
+CODECS = {"ulaw": "codec_ulaw"}
+PRIORITY = re.compile(r"^\s*(?:exten\s*=>\s*[^,]+,\s*[^,]+|same\s*=>\s*[^,]+),\s*(\w+)\((.*)$")
+
+
+def dialplan_lines() -> list[str]:
+    lines = []
+    for path in ASTERISK_DIALPLAN:
+        for line in path.read_text(encoding="utf-8").splitlines():
+            code = line.split(";", 1)[0]  # neither file escapes a ';'
+            if code.strip():
+                lines.append(code)
+    return lines
+
+
+def applications_used() -> set[str]:
+    found = set()
+    for line in dialplan_lines():
+        match = PRIORITY.match(line)
+        if match:
+            found.add(match[1])
+            if match[1] == "ExecIf":
+                found.update(re.findall(r"\?(\w+)\(", match[2]))
+    assert {"AGI", "Gosub", "Dial", "Milliwatt"} <= found, "the parser lost the dialplan"
+    return found
+
+
+def functions_used() -> set[str]:
+    found = set()
+    for line in dialplan_lines():
+        found.update(re.findall(r"\$\{([A-Z][A-Z_]*)\(", line))
+        found.update(re.findall(r"\bSet\(([A-Z][A-Z_]*)\(", line))
+    # What callguard itself asks of Asterisk: it sets TIMEOUT(absolute) over FastAGI and
+    # reads CDR(answer,u) over AMI.
+    adapter = (ROOT / "callguard" / "adapters" / "asterisk.py").read_text(encoding="utf-8")
+    for expression in ("TIMEOUT(absolute)", "CDR(answer,u)"):
+        assert f'"{expression}"' in adapter, expression
+        found.add(expression.split("(")[0])
+    return found
+
+
+def pjsip_sections() -> dict[str, dict[str, str]]:
+    sections: dict[str, dict[str, str]] = {}
+    current = None
+    for line in PJSIP.read_text(encoding="utf-8").splitlines():
+        line = line.split(";", 1)[0].strip()
+        if line.startswith("["):
+            current = sections.setdefault(line.strip("[]"), {})
+        elif "=" in line and current is not None:
+            key, _, value = line.partition("=")
+            current[key.strip()] = value.strip()
+    return sections
+
+
+def required_modules() -> set[str]:
+    modules = set()
+    for app in applications_used():
+        assert app in APPLICATIONS, f"{app}(): which module? add it here and to the README"
+        modules.add(APPLICATIONS[app])
+    for function in functions_used():
+        assert function in FUNCTIONS, f"{function}(): which module? add it here and to the README"
+        modules.add(FUNCTIONS[function])
+    for line in dialplan_lines():
+        for tech in re.findall(r"\bDial\((\w+)/", line):
+            assert tech in CHANNEL_TECHS, tech
+            modules.add(CHANNEL_TECHS[tech])
+    for section in pjsip_sections().values():
+        modules.add(PJSIP_TYPES[section["type"]])
+        if section["type"] != "transport":
+            modules.add("res_pjsip")
+        for codec in section.get("allow", "").split(","):
+            if codec.strip():
+                modules.add(CODECS[codec.strip()])
+    modules.discard(None)
+    return modules
+
+
+def readme_section(title: str) -> str:
+    text = README.read_text(encoding="utf-8")
+    match = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## )", text, re.M | re.S)
+    assert match, title
+    return match[1]
+
+
+def table_modules(text: str) -> list[set[str]]:
+    """The module names in the first column of each table of `text`, table by table."""
+    tables, current = [], None
+    for line in text.splitlines():
+        if line.startswith("| `"):
+            if current is None:
+                current = set()
+                tables.append(current)
+            current.update(re.findall(r"`([a-z]+_[a-z0-9_]+)`", line.split("|")[1]))
+        elif not line.startswith("|"):
+            current = None
+    return tables
+
+
+def test_readme_lists_every_module_the_lab_files_use():
+    named, derived = table_modules(readme_section("What an Asterisk image must load"))
+    required = required_modules()
+    assert required == named, ("the README's first table is what the files use",
+                               required - named, named - required)
+    assert {"res_pjsip_session", "res_pjsip_sdp_rtp", "res_rtp_asterisk",
+            "bridge_simple"} <= derived
+    assert not named & derived
+
+
+def test_the_native_check_loop_asks_for_every_listed_module():
+    [loop] = re.findall(r"for m in (.*?); do", NATIVE.read_text(encoding="utf-8"), re.S)
+    asked = set(loop.replace("\\", " ").split())
+    named, derived = table_modules(readme_section("What an Asterisk image must load"))
+    assert named <= asked, named - asked
+    assert asked <= named | derived, asked - named - derived
+
+
+# --- SIPp command lines: as they run, with -i ---------------------------------------------------
+
+
+SIPP = re.compile(r"sipp -sf fraud\.xml[^`\n]*")
+
+
+def sipp_lines(text: str) -> list[str]:
+    return [line.strip() for line in SIPP.findall(text)]
+
+
+def option(argv: list[str], name: str) -> str:
+    assert name in argv, f"{name} missing: {' '.join(argv)}"
+    return argv[argv.index(name) + 1]
+
+
+NATIVE_PAIRS = {"127.0.0.3": "127.0.0.2:5060", "127.0.0.5": "127.0.0.4:5060"}
+
+
+def test_readme_and_scenario_show_the_compose_command_lines_exactly(lab):
+    readme = README.read_text(encoding="utf-8")
+    fraud = FRAUD.read_text(encoding="iso-8859-1")
+    for name in ("sipp", "sipp-fs"):
+        command = " ".join(items(lab[name], "command"))
+        assert command in sipp_lines(readme), name
+        assert command in sipp_lines(fraud), name
+
+
+def test_every_sipp_command_line_gives_the_address_the_pbx_identifies_sipp_by(lab):
+    pairs = {address("sipp"): f"{address('asterisk')}:5060",
+             address("sipp-fs"): f"{address('freeswitch')}:5060", **NATIVE_PAIRS}
+    texts = {README: README.read_text(encoding="utf-8"),
+             FRAUD: FRAUD.read_text(encoding="iso-8859-1"),
+             NATIVE: NATIVE.read_text(encoding="utf-8")}
+    for path, text in texts.items():
+        lines = sipp_lines(text)
+        assert lines, path
+        for line in lines:
+            argv = line.split()
+            assert pairs[option(argv, "-i")] == argv[-1], f"{path.name}: {line}"
+            assert option(argv, "-sf") == "fraud.xml"
+    pjsip = pjsip_sections()
+    assert pjsip["sipp-identify"]["match"] == address("sipp")
+
+
+# --- docker/lab/run-native.md: its edits, applied to the lab's files ----------------------------
+
+
+SED_EXPR = re.compile(r"'s/((?:[^/\\]|\\.)*)/((?:[^/\\]|\\.)*)/(g?)'")
+
+
+def sed_commands() -> list[tuple[list[tuple[str, str, bool]], list[str]]]:
+    """(expressions, files) of every `sed -i` line of run-native.md; files [] for the
+    FreeSWITCH line, which edits every file that has a lab address."""
+    found = []
+    for line in NATIVE.read_text(encoding="utf-8").splitlines():
+        if "sed -i" not in line:
+            continue
+        expressions = [(old, new.replace("\\", ""), bool(g))
+                       for old, new, g in SED_EXPR.findall(line)]
+        assert expressions, line
+        rest = SED_EXPR.sub("", line.split("sed -i", 1)[1]).replace("-e", " ").split()
+        found.append((expressions, [w for w in rest if w.endswith(".conf")]))
+    return found
+
+
+def apply_sed(expressions, text: str) -> str:
+    lines = []
+    for line in text.split("\n"):
+        for old, new, every in expressions:
+            line = re.sub(old, lambda _m, new=new: new, line, count=0 if every else 1)
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def native_asterisk_files() -> dict[str, str]:
+    files = {p.name: p.read_text(encoding="utf-8") for p in (DOCKER / "asterisk").glob("*.conf")}
+    for expressions, targets in sed_commands():
+        for target in targets:
+            files[target] = apply_sed(expressions, files[target])
+    return files
+
+
+def native_freeswitch_files() -> dict[Path, str]:
+    [expressions] = [e for e, targets in sed_commands() if not targets]
+    return {p: apply_sed(expressions, p.read_text(encoding="utf-8"))
+            for p in LAB.rglob("*.xml")}
+
+
+def native_setting(name: str) -> list[str]:
+    return re.findall(rf"\b{name}=(\S+)", NATIVE.read_text(encoding="utf-8"))
+
+
+def test_native_asterisk_files_point_at_the_native_addresses():
+    files = native_asterisk_files()
+    for name, text in files.items():
+        code = "\n".join(line.split(";", 1)[0] for line in text.splitlines())
+        assert not re.search(r"172\.28\.", code), f"{name} still has a lab address"
+    settings = load_settings(env={})
+    [server] = re.findall(r"^CALLGUARD_AGI_SERVER=(\S+)$", files["extensions.conf"], re.M)
+    assert server == settings.agi_bind, "callguard's default FastAGI listener"
+    host, _ = server.split(":")
+    assert any(ipaddress.ip_address("127.0.0.2") in ipaddress.ip_network(n)
+               for n in settings.agi_allow), "Asterisk's address is admitted by default"
+    assert re.search(r"^bind = 127\.0\.0\.2:5060$", files["pjsip.conf"], re.M)
+    [match] = re.findall(r"^match = (\S+)$", files["pjsip.conf"], re.M)
+    assert NATIVE_PAIRS[match] == "127.0.0.2:5060"
+    [bindaddr] = re.findall(r"^bindaddr = (\S+)$", files["manager.conf"], re.M)
+    [url] = native_setting("CALLGUARD_AMI_URL")
+    ami_host, ami_port, user, secret = parse_ami_url(url)
+    assert (ami_host, ami_port, user) == (bindaddr, 5038, "callguard")
+    assert f"secret = {secret}" in files["manager.conf"]
+    # callguard connects from 127.0.0.1 (the source Linux picks for 127.0.0.2): the
+    # shipped user already permits it, the lab's appended permit now says the same.
+    assert "permit = 127.0.0.1/255.255.255.255" in files["manager.conf"]
+    assert host == "127.0.0.1"
+
+
+def test_native_freeswitch_files_point_at_the_native_addresses():
+    files = native_freeswitch_files()
+    for path, text in files.items():
+        assert not re.findall(r"\b172\.28\.0\.\d+\b(?!/24)", text), path
+    by_name = {p.relative_to(LAB).as_posix(): ET.fromstring(t) for p, t in files.items()}
+    profile = params(by_name["sip_profiles/lab.xml"])
+    esl = params(by_name["autoload_configs/event_socket.conf.xml"])
+    [fs_sipp] = [line for line in sipp_lines(NATIVE.read_text(encoding="utf-8"))
+                 if line.endswith(f"{profile['sip-ip']}:{profile['sip-port']}")]
+    cidrs = [u.get("cidr") for u in by_name["directory/lab.xml"].iter("user")]
+    assert cidrs == [f"{option(fs_sipp.split(), '-i')}/32"]
+    [url] = native_setting("CALLGUARD_ESL_URL")
+    assert parse_esl_url(url) == (esl["listen-ip"], int(esl["listen-port"]), esl["password"])
+    sockets = [a.get("data") for a in by_name["dialplan/callguard.xml"].iter("action")
+               if a.get("application") == "socket"]
+    assert sockets == [f"{load_settings(env={}).esl_bind} async full"]
+    nodes = {n.get("cidr") for lst in by_name["autoload_configs/acl.conf.xml"].iter("list")
+             if lst.get("name") == esl["apply-inbound-acl"] for n in lst.iter("node")}
+    assert "127.0.0.1/32" in nodes, "callguard connects to 127.0.0.4 from 127.0.0.1"
+
+
+def test_native_processes_have_http_ports_of_their_own():
+    binds = native_setting("CALLGUARD_HTTP_BIND")
+    assert len(binds) == 3 and len(set(binds)) == 3, binds
+
+
+def test_native_page_and_readme_predict_what_the_lab_predicts():
+    native = NATIVE.read_text(encoding="utf-8")
+    readme = README.read_text(encoding="utf-8")
+    for text in (native, readme):
+        assert "11 calls" in text and "19" in text and "NO_FUNDS" in text
+        assert "callguard reconcile" in text
+    assert "lab/run-native.md" in readme
+    assert "## FreeSWITCH (not run)" in native
