@@ -18,42 +18,12 @@ as the embedded redis-server could not send any (and does not: it is started wit
 ``--supervised``).  The environment is left as it is, so a child inherits
 ``NOTIFY_SOCKET``; that is harmless under ``NotifyAccess=main``.
 
-What each process should send, and when (the units are ``Type=notify``, so systemd
-counts a unit as started only at ``READY=1``; ``systemctl start`` waits for it, and
-units ordered ``After=`` it start after it):
-
-``callguard serve asterisk`` / ``callguard serve freeswitch``
-    * ``ready(status="serving FastAGI on HOST:PORT (node N)")`` once the call-setup
-      listener (FastAGI, outbound ESL) is bound and accepting, i.e. right where it logs
-      "callguard serving ...".  Not earlier: a PBX started ``After=`` callguard would
-      send its first calls to a closed port.  The PBX link (AMI, inbound ESL) need not
-      be up yet; it reconnects by itself and ``status()`` says so.
-    * ``status(...)`` when the PBX link goes up or down ("AMI logged in to H:P", "AMI
-      down: ...; reconnecting") and when Redis becomes unreachable or reachable again.
-      ``systemctl status`` shows the last one.  Once a change, not per call.
-    * ``stopping()`` as soon as SIGTERM (or SIGINT) arrives, before the listener is closed
-      and the commits under way are finished; if that may take longer than the unit's
-      ``TimeoutStopSec=``, ``extend_timeout(seconds)`` asks for more time.
-    * ``watchdog()`` every ``watchdog_interval()`` seconds from the event loop itself (a
-      ``loop.call_later`` chain or a small task), only when ``watchdog_interval()`` is
-      not None: a loop that is stuck then stops pinging and systemd restarts the process
-      (with ``WatchdogSec=`` in the unit, as the shipped units have).
-    * If it exits because its node identity is taken, nothing more: the exit status 1
-      tells systemd (``Restart=on-failure`` restarts it after ``RestartSec=``).
-
-``callguard worker``
-    * ``ready(status="worker N started")`` once it holds its node lease, i.e. right where
-      it logs "worker N started"; while Redis is unreachable before that, ``status()``
-      with the reason ("waiting for Redis: ...") and no READY, so ``systemctl start``
-      waits (up to ``TimeoutStartSec=``, 5 min in the shipped unit; then systemd stops it
-      and ``Restart=on-failure`` starts it again) and the unit shows "activating".
-    * ``status(...)`` on an outage of Redis or of the books and when it is over.
-    * ``stopping()`` on SIGTERM, before the current pass ends and the outboxes thread is
-      joined.
-    * ``watchdog()`` from its main loop, each pass (at most every
-      ``watchdog_interval()``), under the same condition as above.
-
-``callguard worker --once`` and the other commands send nothing.
+What callguard sends (the shipped units are ``Type=notify`` with ``WatchdogSec=``):
+``serve`` sends ``READY=1`` once its call-setup listener accepts calls, ``WATCHDOG=1``
+from its event loop every ``watchdog_interval()``, ``STOPPING=1`` on SIGTERM; ``worker``
+sends ``READY=1`` once it holds its node lease, ``WATCHDOG=1`` from its main loop (also
+while it waits for Redis or the books at its start), ``STOPPING=1`` on SIGTERM.
+``worker --once`` and the other commands send nothing.
 """
 
 from __future__ import annotations
