@@ -14,7 +14,6 @@ import logging
 import socket
 import sys
 import threading
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -25,7 +24,7 @@ from prometheus_client.exposition import ThreadingWSGIServer
 
 from .config import split_hostport
 from .logs import Throttled
-from .metrics import Readings
+from .metrics import Readings, cached
 
 log = logging.getLogger(__name__)
 
@@ -91,19 +90,11 @@ class Health:
                                         thread_name_prefix="readyz")
         self._metrics = make_wsgi_app(registry)
         self.server = None
-        self._lock = threading.Lock()
-        self._checked_at, self._last = float("-inf"), (False, {})
+        # At most READY_TTL old: scrapes and probes hammering the port cost Redis and the
+        # books one round of checks a second, not one per request.
+        self.readiness = cached(self._check, READY_TTL)
         Readings(registry).gauge("callguard_ready", "1 while /readyz says ready",
                                  lambda: int(self.readiness()[0]))
-
-    def readiness(self) -> tuple[bool, dict[str, dict]]:
-        """The checks' verdict, at most READY_TTL old: scrapes and probes hammering the
-        port cost Redis and the books one round of checks a second, not one per request."""
-        with self._lock:
-            if time.monotonic() - self._checked_at >= READY_TTL:
-                self._last = self._check()
-                self._checked_at = time.monotonic()
-            return self._last
 
     def _check(self) -> tuple[bool, dict[str, dict]]:
         running = {name: self._pool.submit(check) for name, check in self.checks.items()}
