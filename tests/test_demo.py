@@ -17,9 +17,11 @@ from callguard.engine.connect import ensure_embedded, stop_embedded
 
 @pytest.mark.parametrize("pbx", ["asterisk", "freeswitch"])
 def test_demo_holds_the_bound_and_leaves_nothing_behind(redis_url, tmp_path, pbx):
-    """Credit alone bounds the loss (the fraud controls off)."""
+    """Credit alone bounds the loss (the fraud controls off). At 5x, not 10x: the bound is
+    in PBX seconds, and a loaded CI machine's lag in the simulated PBX is multiplied by
+    the speed (15 ms late per cut-off at 10x is CHF 0.13 over 17 calls)."""
     env = {"CALLGUARD_HOME": str(tmp_path / "home"), "CALLGUARD_REDIS_URL": redis_url}
-    result = CliRunner().invoke(cli, ["demo", "--speed", "10", "--pbx", pbx,
+    result = CliRunner().invoke(cli, ["demo", "--speed", "5", "--pbx", pbx,
                                       "--no-fraud-controls"], env=env, catch_exceptions=False)
     assert result.exit_code == 0, result.output  # exit 1 above CHF 0.10 of loss
     lines = {line.split("  ")[0]: line for line in result.stdout.splitlines()}
