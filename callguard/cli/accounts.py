@@ -7,10 +7,10 @@ import re
 import click
 from redis import RedisError
 
-from .. import service
+from .. import service, views
 from ..engine import state
 from ..engine.core import valid_account
-from ..money import format_display, format_full, parse_amount
+from ..money import format_display, parse_amount
 from .base import Refused, amount_option, app_of, cli, emit, refusals, report
 
 
@@ -26,46 +26,7 @@ def account():
 
 
 def account_json(app: service.App, row) -> dict:
-    live = state.account_state(app.redis, app.keys, row.id) or {}
-    reserved = live.get("reserved", 0)
-    balance = live.get("balance", row.balance)
-    credit = row.credit_limit if row.kind == "postpaid" else 0
-    return {
-        "account": row.id,
-        "kind": row.kind,
-        "currency": row.currency,
-        "status": row.status,
-        "block_reason": row.block_reason,
-        "plan": row.plan,
-        "balance": format_full(balance),
-        "credit_limit": format_full(credit),
-        "outstanding": format_full(-balance if row.kind == "postpaid" else 0),
-        "reserved": format_full(reserved),
-        "available": format_full(balance + credit - reserved),
-        "channels": live.get("channels", 0),
-        "max_channels": row.max_channels,
-        "cps_limit": row.cps_limit,
-        "limit_state": LIMIT_STATES.get(str(live.get("lv", "")), "ok"),
-        "warn_below": _money(row.warn_below),
-        "warn_at": _money(row.warn_at),
-        "email": row.email,
-        "auto_topup": ({"below": _money(row.auto_topup_below),
-                        "amount": _money(row.auto_topup_amount),
-                        "payment_method": "on file"}
-                       if state.topup_below(row) else None),
-        "max_calls_per_minute": row.max_calls_per_minute,
-        "max_spend_per_hour": _money(row.max_spend_per_hour or None),
-        "blocked_prefixes": row.blocked_prefixes.split(),
-        "on_fraud": row.on_fraud,
-    }
-
-
-# The engine's limit level (common.lua `watch`): 2 blocks calls both ways until money arrives.
-LIMIT_STATES = {"0": "ok", "1": "warned", "2": "exhausted"}
-
-
-def _money(micros: int | None) -> str | None:
-    return None if micros is None else format_full(micros)
+    return views.account_of(app, row)
 
 
 def account_text(data: dict) -> str:
@@ -258,7 +219,7 @@ def _no_credit(app: service.App, account_id: str) -> bool:
 
 def _limit_state(app: service.App, account_id: str) -> str | None:
     live = _live(app, account_id)
-    return None if live is None else LIMIT_STATES.get(str(live.get("lv", "")))
+    return None if live is None else views.LIMIT_STATES.get(str(live.get("lv", "")))
 
 
 # "-5", "-2.50": what follows the dash is a number, and no option is named so.

@@ -9,52 +9,14 @@ from __future__ import annotations
 import csv
 import json
 import sys
-from datetime import UTC, date, datetime, time
 
 import click
-from sqlalchemy import select
 
-from ..books.ledger import BooksError
-from ..books.models import Cdr, LedgerEntry, as_utc
-from ..money import format_full
+from .. import views
 from .accounts import account
 from .base import app_of, cli, refusals
 
 PAGE = 1000
-
-CDR_COLUMNS = ("session", "account", "direction", "destination", "prefix", "setup", "answer",
-               "end", "duration", "billed", "rate_per_min", "connect_fee", "cost", "cause",
-               "node")
-LEDGER_COLUMNS = ("entry", "at", "kind", "amount", "balance", "reference", "session")
-
-
-def _iso_ms(ms: int | None) -> str | None:
-    return None if ms is None else _iso(datetime.fromtimestamp(ms / 1000, UTC))
-
-
-def _iso(at: datetime) -> str:
-    return as_utc(at).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def cdr_row(c: Cdr) -> dict:
-    return {"session": c.session, "account": c.account, "direction": c.direction,
-            "destination": c.destination, "prefix": c.prefix, "setup": _iso_ms(c.setup_ms),
-            "answer": _iso_ms(c.answer_ms), "end": _iso_ms(c.end_ms), "duration": c.duration,
-            "billed": c.billed, "rate_per_min": format_full(c.rate_per_min),
-            "connect_fee": format_full(c.connect_fee), "cost": format_full(c.cost),
-            "cause": c.cause, "node": c.node}
-
-
-def _day(value: str | None, end: bool) -> int | None:
-    """A date (or an ISO time) as epoch ms; a bare --until date includes that whole day."""
-    if value is None:
-        return None
-    try:
-        at = (datetime.combine(date.fromisoformat(value), time.max if end else time.min, UTC)
-              if len(value) == 10 else as_utc(datetime.fromisoformat(value)))
-    except ValueError:
-        raise BooksError(f"not a date: {value!r} (YYYY-MM-DD or an ISO 8601 time)") from None
-    return int(at.timestamp() * 1000)
 
 
 def _write(rows, columns: tuple[str, ...], as_json: bool, as_csv: bool, human) -> None:
@@ -106,17 +68,12 @@ def cdr_list(ctx, account_id, since, until, as_json, as_csv):
     if as_json and as_csv:
         raise click.UsageError("say --json or --csv, not both")
     app = app_of(ctx)
-    query = select(Cdr).order_by(Cdr.end_ms, Cdr.id)
     if account_id:
         app.books.get_account(account_id)  # an unknown account is refused, not empty
-        query = query.where(Cdr.account == account_id)
-    if (low := _day(since, end=False)) is not None:
-        query = query.where(Cdr.end_ms >= low)
-    if (high := _day(until, end=True)) is not None:
-        query = query.where(Cdr.end_ms <= high)
+    query = views.cdr_query(account_id, views.epoch_ms(since), views.epoch_ms(until, end=True))
     with app.books.session() as db:
-        rows = (cdr_row(c) for c in db.scalars(query.execution_options(yield_per=PAGE)))
-        _write(rows, CDR_COLUMNS, as_json, as_csv, lambda r: (
+        rows = (views.cdr_view(c) for c in db.scalars(query.execution_options(yield_per=PAGE)))
+        _write(rows, views.CDR_COLUMNS, as_json, as_csv, lambda r: (
             f"{r['end']}  {r['session']}  {r['destination']}  {r['duration']}s  {r['cost']}"
             f"  {r['cause']}"))
 
@@ -137,18 +94,9 @@ def account_ledger(ctx, account_id, as_json, as_csv):
         raise click.UsageError("say --json or --csv, not both")
     app = app_of(ctx)
     app.books.get_account(account_id)
-    query = (select(LedgerEntry).where(LedgerEntry.account == account_id)
-             .order_by(LedgerEntry.id).execution_options(yield_per=PAGE))
-
-    def rows(entries):
-        balance = 0
-        for e in entries:
-            balance += e.amount
-            yield {"entry": e.id, "at": _iso(e.created_at), "kind": e.kind,
-                   "amount": format_full(e.amount), "balance": format_full(balance),
-                   "reference": e.reference, "session": e.session}
-
+    query = views.ledger_query(account_id).execution_options(yield_per=PAGE)
     with app.books.session() as db:
-        _write(rows(db.scalars(query)), LEDGER_COLUMNS, as_json, as_csv, lambda r: (
+        entries = views.ledger_views(db.scalars(query))
+        _write(entries, views.LEDGER_COLUMNS, as_json, as_csv, lambda r: (
             f"{r['at']}  {r['entry']:>8}  {r['kind']:<11} {r['amount']:>18}  "
             f"{r['balance']:>18}  {r['reference'] or ''}"))

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import click
 
-from .. import service
+from .. import service, views
 from ..engine.core import SessionId
-from ..money import format_full
-from ..rating import Rate
 from .base import Refused, app_of, cli, emit, refusals
 
 
@@ -34,26 +32,7 @@ def calls_list(ctx, account_id, as_json):
     Example:
       callguard calls list --account 41441234567
     """
-    app = app_of(ctx)
-    now = service.redis_now_ms(app.redis)
-    rows = []
-    for s in service.live_sessions(app, account_id):
-        answered = int(s["ans"]) if s.get("ans") else None
-        talk = max(0, now - answered) // 1000 if answered else 0
-        rate = Rate(s.get("pfx", ""), "", int(s["r"]), int(s["cf"]), int(s["i"]), int(s["s"]))
-        grant_end = int(s["ge"]) if s.get("ge") else None
-        left = max(0, grant_end - now) // 1000 if grant_end is not None else None
-        rows.append({
-            "session": s["session"], "account": s["account"], "direction": s["dir"],
-            "destination": s["dst"], "node": s.get("node", ""),
-            "state": call_state(s, left),
-            "answered_for": talk,
-            "granted_until": grant_end // 1000 if grant_end else None,
-            "granted_seconds": int(s.get("g", 0)),
-            "left_seconds": left,
-            "cost_so_far": format_full(rate.cost(talk, answered is not None)),
-            "reserved": format_full(int(s.get("hold", 0))),
-        })
+    rows = views.live_calls(app_of(ctx), account_id)
     lines = [f"{'SESSION':<40} {'DESTINATION':<16} {'NODE':<12} {'STATE':<8} {'TALK':>6} "
              f"{'LEFT':>6} COST"]
     for r in rows:
@@ -62,17 +41,6 @@ def calls_list(ctx, account_id, as_json):
         lines.append(f"{r['session']:<40} {r['destination']:<16} {r['node']:<12} "
                      f"{r['state']:<8} {r['answered_for']:>5}s {left:>6} {r['cost_so_far']}")
     emit(rows, as_json, "\n".join(lines) if rows else "no calls in progress")
-
-
-def call_state(session: dict, left: int | None) -> str:
-    """What the session hash says (authorize.lua, answer.lua, extend.lua): `st` auth is
-    ringing, ans is answered; `fin` 1 means the grant it holds is its last (no credit for
-    more), so the call ends when it runs out, as it does once nothing of it is left."""
-    if session.get("st") != "ans":
-        return "ringing"
-    if session.get("fin") == "1" or left == 0:
-        return "ending"
-    return "talking"
 
 
 @calls.command("kill")
