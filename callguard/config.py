@@ -35,6 +35,9 @@ class Settings:
     webhook_secret: str | None = None
     payment_url: str | None = None
     http_bind: str | None = None  # None: per process (health.DEFAULT_BIND); "off": none
+    api_bind: str = "127.0.0.1:8080"  # `callguard api`
+    api_tls_cert: str | None = None  # PEM files: the API speaks HTTPS with both
+    api_tls_key: str | None = None
     # Not in CONTRACT.md, named the same way:
     node: str | None = None  # None: derived per process (nodes.default_node)
     key_prefix: str = "cg"  # separates installations (or test runs) sharing one Redis
@@ -62,7 +65,7 @@ class Settings:
                 raise ConfigError(f"{name.replace('_', ' ')} must be between {low} and {high}")
         if self.node is not None and not NODE_NAME.fullmatch(self.node):
             raise ConfigError(f"node name {self.node!r}: 1-64 letters, digits and . _ : @ -")
-        for name in ("agi_bind", "esl_bind", "http_bind"):
+        for name in ("agi_bind", "esl_bind", "http_bind", "api_bind"):
             if getattr(self, name) not in (None, "off"):
                 split_hostport(getattr(self, name))
         for name in ("webhook_url", "payment_url"):

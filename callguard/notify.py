@@ -545,17 +545,21 @@ def backlog(app) -> dict[str, int]:
     return {"pending": pending, "failed": failed}
 
 
-def notice_rows(app, account: str | None = None, limit: int = 100) -> list[dict]:
-    """The newest notices (one account's, or all), with their delivery state: `sent`,
+def notice_rows(app, account: str | None = None, limit: int = 100,
+                before: int | None = None) -> list[dict]:
+    """The newest notices (one account's, or all; those before `seq` `before` to page on),
+    with their delivery state: `sent`,
     `failed` (given up), `kept` (no channel configured for it), `retrying` (attempted,
     due again at `next_attempt_at`) or `pending` (not attempted yet)."""
     if account is not None:
         app.books.get_account(account)  # BooksError for an unknown account
     query = (select(Notification, Account.email)
              .join(Account, Account.id == Notification.account)
-             .order_by(Notification.created_at.desc(), Notification.id.desc()).limit(limit))
+             .order_by(Notification.id.desc()).limit(limit))
     if account is not None:
         query = query.where(Notification.account == account)
+    if before is not None:
+        query = query.where(Notification.id < before)
     with app.books.session() as db:
         rows = db.execute(query).all()
     return [_row(app.settings, n, email) for n, email in rows]
@@ -570,7 +574,8 @@ def _row(settings: Settings, n: Notification, email: str | None) -> dict:
         state = "kept"
     else:
         state = "retrying" if n.attempts else "pending"
-    return {"id": n.key, "account": n.account, "type": n.type, "at": _iso(n.created_at),
+    return {"id": n.key, "seq": n.id, "account": n.account, "type": n.type,
+            "at": _iso(n.created_at),
             "state": state, "attempts": n.attempts, "next_attempt_at": _iso(n.next_attempt_at),
             "last_error": n.last_error, "mail_sent_at": _iso(n.mail_sent_at),
             "webhook_sent_at": _iso(n.webhook_sent_at), "sent_at": _iso(n.sent_at),

@@ -188,6 +188,23 @@ def update_account(app: App, account_id: str, block=(), unblock=(),
     return row, apply_now(app, account_id)
 
 
+def block_account(app: App, account_id: str, reason: str, hangup: bool = False
+                  ) -> tuple[Account, Applied, int | None]:
+    """Block both ways; with `hangup`, end its calls in progress too. The count of calls
+    hung up is None when Redis is away: they go on until Redis has the block."""
+    row, applied = update_account(app, account_id, status="blocked", block_reason=reason)
+    hung_up = None
+    if applied.in_redis:
+        sessions = [s["session"] for s in live_sessions(app, account_id)] if hangup else []
+        kill(app, sessions)
+        hung_up = len(sessions)
+    return row, applied, hung_up
+
+
+def unblock_account(app: App, account_id: str) -> tuple[Account, Applied]:
+    return update_account(app, account_id, status="active", block_reason=None)
+
+
 def blocked_prefixes(current: str, block, unblock) -> str:
     """The account's blocked list (space-separated, as dialled numbers are normalised)."""
     prefixes = set(current.split()) | {normalize_number(p) for p in block}

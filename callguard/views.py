@@ -46,6 +46,11 @@ def epoch_ms(value: str | datetime | None, end: bool = False) -> int | None:
     return int(at.timestamp() * 1000)
 
 
+def moment(value: str | None, end: bool = False) -> datetime | None:
+    ms = epoch_ms(value, end)
+    return None if ms is None else datetime.fromtimestamp(ms / 1000, UTC)
+
+
 def account_view(live: dict | None, row) -> dict:
     """An account as the books hold it, its money as Redis holds it now (`live`: its
     Redis hash, state.account_state)."""

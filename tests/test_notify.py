@@ -603,8 +603,8 @@ def test_notices_list(accounts, configured, receiver, run, monkeypatch):
     assert lines[3].endswith("  low_balance  sent")
     data = json.loads(run("notices", "list", "--account", Q, "--json").stdout)
     assert data == [{
-        "id": "credit_warning:4144555:12", "account": Q, "type": "credit_warning",
-        "at": data[0]["at"], "state": "retrying", "attempts": 1,
+        "id": "credit_warning:4144555:12", "seq": data[0]["seq"], "account": Q,
+        "type": "credit_warning", "at": data[0]["at"], "state": "retrying", "attempts": 1,
         "next_attempt_at": "2030-01-01T12:00:30Z",
         "last_error": "webhook: HTTP 500 Internal Server Error", "mail_sent_at": None,
         "webhook_sent_at": None, "sent_at": None, "failed_at": None}]

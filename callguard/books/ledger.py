@@ -23,6 +23,14 @@ class BooksError(ValueError):
     """A refused operation, worded for the operator."""
 
 
+class UnknownAccount(BooksError):
+    """No account by that id (the HTTP API answers 404)."""
+
+
+class AccountExists(BooksError):
+    """An account by that id is already there (409)."""
+
+
 def check_text(column, value: str | None, label: str) -> None:
     """Text for a String(N) column: refused here, before SQL sees it, when it is longer than
     the column (PostgreSQL would raise, SQLite would silently keep it) or holds control
@@ -73,24 +81,32 @@ class Books:
         """The account, its opening balance as a ledger entry like any other
         (balance = sum(ledger)), and both queued for Redis, in one transaction."""
         check_account_values(values)
-        with self.session.begin() as db:
-            if db.get(Account, account_id) is not None:
-                raise BooksError(f"account {account_id} already exists")
-            values["plan"] = values.get("plan") or "default"
-            account = Account(id=account_id, **values)
-            db.add(account)
-            db.flush()
-            db.add(RedisOutbox(account=account_id))
-            if opening_balance:
-                self.book(account_id, "topup", opening_balance, f"open:{account_id}",
-                          reference="opening balance", db=db)
+        exists = AccountExists(f"account {account_id} already exists")
+        try:
+            with self.session.begin() as db:
+                if db.get(Account, account_id) is not None:
+                    raise exists
+                values["plan"] = values.get("plan") or "default"
+                account = Account(id=account_id, **values)
+                db.add(account)
+                db.flush()
+                db.add(RedisOutbox(account=account_id))
+                if opening_balance:
+                    self.book(account_id, "topup", opening_balance, f"open:{account_id}",
+                              reference="opening balance", db=db)
+        except IntegrityError:
+            # Two creates of one id at once (two API requests): the loser is told so.
+            with self.session() as db:
+                if db.get(Account, account_id) is None:
+                    raise
+            raise exists from None
         return account
 
     def get_account(self, account_id: str) -> Account:
         with self.session() as db:
             account = db.get(Account, account_id)
         if account is None:
-            raise BooksError(f"unknown account {account_id}")
+            raise UnknownAccount(f"unknown account {account_id}")
         return account
 
     def list_accounts(self) -> list[Account]:
@@ -103,7 +119,7 @@ class Books:
         with self.session.begin() as db:
             account = db.get(Account, account_id, with_for_update=True)
             if account is None:
-                raise BooksError(f"unknown account {account_id}")
+                raise UnknownAccount(f"unknown account {account_id}")
             for name, value in changes.items():
                 setattr(account, name, value)
             db.add(RedisOutbox(account=account_id))
@@ -170,7 +186,7 @@ class Books:
         )
         if moved.rowcount != 1:
             if db.get(Account, account_id) is None:
-                raise BooksError(f"unknown account {account_id}")
+                raise UnknownAccount(f"unknown account {account_id}")
             raise BooksError(f"amount too large: the balance of {account_id} would go beyond "
                              f"{format_display(MAX_MICROS)}")
 

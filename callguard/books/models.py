@@ -218,3 +218,24 @@ class AutoTopup(Base):
     entry: Mapped[int | None] = mapped_column(ForeignKey("ledger.id"))  # the booked top-up
     created_at: Mapped[datetime] = mapped_column(Moment, default=utcnow)
     done_at: Mapped[datetime | None] = mapped_column(Moment)
+
+
+SCOPES = ("read", "money", "admin")  # each includes the ones before it
+
+
+class ApiToken(Base):
+    """A bearer token of the HTTP API. Only its SHA-256 digest is kept: the token itself is
+    shown once, when it is created. `account` set: it sees and changes that account only."""
+
+    __tablename__ = "api_tokens"
+    __table_args__ = (
+        CheckConstraint("scope IN ('read', 'money', 'admin')", name="ck_api_tokens_scope"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    scope: Mapped[str] = mapped_column(String(8))
+    account: Mapped[str | None] = mapped_column(ForeignKey("accounts.id"))
+    digest: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(Moment, default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(Moment)

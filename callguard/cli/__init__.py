@@ -5,7 +5,18 @@ from __future__ import annotations
 import sys
 
 # Each module registers its commands.
-from . import accounts, audit, books, calls, embedded, limits, notices, processes, rates  # noqa: F401
+from . import (  # noqa: F401
+    accounts,
+    api,
+    audit,
+    books,
+    calls,
+    embedded,
+    limits,
+    notices,
+    processes,
+    rates,
+)
 from .base import cli
 
 

@@ -306,14 +306,12 @@ def account_block(ctx, account_id, reason, hangup):
       callguard account block 41441234567 --reason "fraud suspected" --hangup
     """
     app = app_of(ctx)
-    _, applied = service.update_account(app, account_id, status="blocked", block_reason=reason)
+    _, applied, hung_up = service.block_account(app, account_id, reason, hangup)
     message = f"blocked {account_id}"
-    if hangup and applied.in_redis:
-        sessions = [s["session"] for s in service.live_sessions(app, account_id)]
-        service.kill(app, sessions)
-        message += f"; hanging up {len(sessions)} call(s)"
-    elif not applied.in_redis:
+    if hung_up is None:
         message += " in the books; its calls go on until Redis has it"
+    elif hangup:
+        message += f"; hanging up {hung_up} call(s)"
     report(applied, message)
 
 
@@ -329,7 +327,7 @@ def account_unblock(ctx, account_id):
       callguard account unblock 41441234567
     """
     app = app_of(ctx)
-    _, applied = service.update_account(app, account_id, status="active", block_reason=None)
+    _, applied = service.unblock_account(app, account_id)
     done = f"unblocked {account_id}"
     if applied.in_redis and _no_credit(app, account_id):
         done += ("; it has no credit left: calls are refused (NO_FUNDS) until a "

@@ -8,19 +8,13 @@ import json
 import logging
 
 import click
-import redis
-import sqlalchemy.exc
 
 from .. import service
 from ..books.database import upgrade
-from ..books.ledger import BooksError
 from ..config import ConfigError, load_settings
-from ..engine.connect import RedisUnavailable
-from ..engine.state import LayoutMismatch
 from ..logs import JsonFormatter
 from ..money import AmountError, parse_amount
-from ..nodes import NodeClash
-from ..rating import NumberError
+from ..refusals import explain
 
 log = logging.getLogger("callguard")
 
@@ -41,24 +35,11 @@ def refusals(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (BooksError, AmountError, NumberError, ConfigError, NodeClash, LayoutMismatch,
-                ValueError) as exc:
-            raise Refused(str(exc)) from None
-        except (redis.RedisError, RedisUnavailable) as exc:
-            log.debug("redis failure", exc_info=True)
-            raise Refused(f"Redis unavailable: {exc}") from None
-        except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.ProgrammingError) as exc:
-            log.debug("database failure", exc_info=True)
-            text = str(exc.orig).splitlines()[0] if str(exc.orig) else type(exc.orig).__name__
-            # SQLite, PostgreSQL, MariaDB: a table the migrations have not made yet.
-            if any(m in text for m in ("no such table", "does not exist", "doesn't exist")):
-                raise Refused(f"the books are not set up (run `callguard db upgrade`): "
-                              f"{text}") from None
-            if "permission denied" in text.lower() or "command denied" in text.lower():
-                raise Refused(f"the SQL database refused this user: {text}") from None
-            if isinstance(exc, sqlalchemy.exc.ProgrammingError):
-                raise  # a bug in callguard: the traceback is what its report needs
-            raise Refused(f"the SQL database is unavailable: {text}") from None
+        except Exception as exc:
+            known = explain(exc)
+            if known is None:
+                raise
+            raise Refused(known[1]) from None
 
     return wrapper
 
