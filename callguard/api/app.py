@@ -38,7 +38,7 @@ def _problems(*statuses: int) -> dict:
 
 
 # Every route can answer these; each adds its own.
-COMMON = _problems(401, 403, 413, 422, 503)
+COMMON = _problems(400, 401, 403, 411, 413, 422, 503)
 
 bearer = HTTPBearer(auto_error=False, description="A token from `callguard api token create`.")
 
@@ -62,6 +62,16 @@ def require(scope: str):
         return found
 
     return caller
+
+
+def known_query(request: Request) -> None:
+    """A query parameter the route does not take is refused, not ignored: `?acount=X` must
+    not answer every account's CDRs."""
+    route = request.scope.get("route")
+    taken = {p.alias for p in route.dependant.query_params} if route else set()
+    unknown = sorted(set(request.query_params) - taken)
+    if unknown:
+        raise Problem(422, f"unknown query parameter(s): {', '.join(map(repr, unknown))}")
 
 
 def operator_only(caller: Caller) -> None:
@@ -113,7 +123,7 @@ def _micros(value: str | None, name: str, negative: bool = False) -> int | None:
 
 
 def routes(app: service.App) -> APIRouter:
-    api = APIRouter(prefix="/v1", responses=COMMON)
+    api = APIRouter(prefix="/v1", responses=COMMON, dependencies=[Depends(known_query)])
     read, money, admin = require("read"), require("money"), require("admin")
 
     # -- accounts ---------------------------------------------------------------

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import threading
 
 import uvicorn
 
@@ -57,6 +58,9 @@ class Server(uvicorn.Server):
     def capture_signals(self):
         # uvicorn's own raises the signal again once stopped: a SIGTERM'd API would end
         # as killed, not as a clean exit 0.
+        if threading.current_thread() is not threading.main_thread():
+            yield  # a server in a thread (the tests) is stopped by its owner
+            return
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._stop, sig)
@@ -73,7 +77,8 @@ class Server(uvicorn.Server):
         self.handle_exit(sig, None)
 
 
-def run(app: service.App, bind: str, cert: str | None, key: str | None) -> int:
+def configure(app: service.App, bind: str, cert: str | None = None, key: str | None = None
+              ) -> Server:
     if bool(cert) != bool(key):
         raise ConfigError("TLS needs both a certificate and its key (CALLGUARD_API_TLS_CERT, "
                           "CALLGUARD_API_TLS_KEY)")
@@ -88,7 +93,11 @@ def run(app: service.App, bind: str, cert: str | None, key: str | None) -> int:
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot load the TLS certificate or key: {exc}") from None
     logging.getLogger("uvicorn.error").setLevel(logging.WARNING)  # our own lines say it
-    server = Server(config, app, f"{'https' if cert else 'http'}://{bind}/v1/")
+    return Server(config, app, f"{'https' if cert else 'http'}://{bind}/v1/")
+
+
+def run(app: service.App, bind: str, cert: str | None, key: str | None) -> int:
+    server = configure(app, bind, cert, key)
     server.run()
     log.info("stopped")
     return 0 if server.started else 1
