@@ -28,7 +28,8 @@ from .metrics import Readings, cached
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BIND = {"serve": "127.0.0.1:9464", "worker": "127.0.0.1:9465"}
+DEFAULT_BIND = {"serve": "127.0.0.1:9464", "worker": "127.0.0.1:9465",
+                "api": "127.0.0.1:9467"}
 CHECK_TIMEOUT = 2.0  # a check that hangs (a black-holed database) answers "no answer"
 READY_TTL = 1.0
 
@@ -156,6 +157,17 @@ class Health:
             self.server.shutdown()
             self.server.server_close()
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def store_checks(app) -> dict[str, Check]:
+    """Redis and the books answer (the worker's and the API's readiness)."""
+    from sqlalchemy import text
+
+    def books():
+        with app.books.engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+
+    return {"redis": lambda: app.redis.ping() and None, "books": books}
 
 
 def _family(host: str):

@@ -123,3 +123,14 @@ def watchdog_interval(env=None) -> float | None:
 def watchdog() -> bool:
     """WATCHDOG=1: the keep-alive ping.  Send it every ``watchdog_interval()`` seconds."""
     return notify("WATCHDOG=1")
+
+
+async def watchdog_loop() -> None:
+    """WATCHDOG=1 from the event loop itself (a unit's WatchdogSec=): a stuck loop stops
+    pinging, and systemd restarts the process. Returns at once without a watchdog."""
+    import asyncio
+
+    every = watchdog_interval()
+    while every:
+        watchdog()
+        await asyncio.sleep(every)

@@ -13,12 +13,11 @@ import time
 from collections import Counter
 
 import redis
-from sqlalchemy import text
 
 from . import nodes, notify, sdnotify, service, topup
 from .books.ledger import BooksError
 from .engine import state
-from .health import DEFAULT_BIND, Health
+from .health import DEFAULT_BIND, Health, store_checks
 from .logs import Throttled
 from .metrics import Readings, cached, new_registry
 from .sync import SQL_OUTAGES, Drain, Outage
@@ -191,14 +190,7 @@ def observe(app: service.App, drain: Drain) -> Health:
     r.gauge("callguard_topups_pending", "Auto top-ups requested and not charged yet",
             lambda: topup.pending_count(app))
 
-    def books():
-        with app.books.engine.connect() as conn:
-            conn.execute(text("SELECT 1"))
-
-    health = Health("worker", registry, {
-        "redis": lambda: app.redis.ping() and None,
-        "books": books})
-    return health
+    return Health("worker", registry, store_checks(app))
 
 
 def charge_and_deliver(app: service.App) -> int:

@@ -507,3 +507,32 @@ def test_every_answer_matches_the_document_and_none_is_a_500(api, mode):
     else:
         # Only the opening balances: nothing invalid was booked.
         assert entries(api.app, ACCT) == 1 and entries(api.app, POST) == 0
+
+
+def test_the_api_process_is_measured_and_ready_with_redis_and_its_books(app):
+    prepaid(app, ACCT)
+    token = tokens.create(app.books, "ops", "read")[1]
+    port, http_port = free_port(), free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "callguard", "api", "--bind",
+                             f"127.0.0.1:{port}"], stderr=subprocess.PIPE,
+                            env=_env(app, CALLGUARD_HTTP_BIND=f"127.0.0.1:{http_port}"))
+    try:
+        _until_up(proc, f"http://127.0.0.1:{http_port}/healthz")
+        ready = httpx.get(f"http://127.0.0.1:{http_port}/readyz", timeout=10).json()
+        assert (ready["process"], set(ready["checks"])) == ("api", {"redis", "books"})
+        _until_up(proc, f"http://127.0.0.1:{port}/v1/openapi.json")
+        for _ in range(3):
+            httpx.get(f"http://127.0.0.1:{port}/v1/accounts/{ACCT}", timeout=10,
+                      headers={"Authorization": f"Bearer {token}"})
+        httpx.get(f"http://127.0.0.1:{port}/v1/accounts/nobody", timeout=10,
+                  headers={"Authorization": f"Bearer {token}"})
+        text = httpx.get(f"http://127.0.0.1:{http_port}/metrics", timeout=10).text
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=20)
+    assert 'callguard_api_requests_total{route="/v1/accounts/{account}",status="200"} 3.0' \
+        in text
+    assert 'callguard_api_requests_total{route="/v1/accounts/{account}",status="404"} 1.0' \
+        in text
+    assert 'callguard_api_request_duration_seconds_count{route="/v1/accounts/{account}"} 4.0' \
+        in text

@@ -257,7 +257,7 @@ def test_the_scripts_tell_the_money_they_hold_for_each_call(plan):
     assert eng.answer(decision.session, now_ms=T0).hold is None  # answer moves no money
 
 
-@pytest.mark.parametrize("command", [("serve", "asterisk"), ("worker",)])
+@pytest.mark.parametrize("command", [("serve", "asterisk"), ("worker",), ("api",)])
 def test_systemd_hears_ready_the_watchdog_and_stopping(plan, tmp_path, command):
     """The real process under a $NOTIFY_SOCKET as systemd's (Type=notify, WatchdogSec=):
     READY=1 once it serves, WATCHDOG=1 again and again, STOPPING=1 on SIGTERM."""
@@ -270,7 +270,8 @@ def test_systemd_hears_ready_the_watchdog_and_stopping(plan, tmp_path, command):
     proc = subprocess.Popen(
         [sys.executable, "-m", "callguard", *command],
         env=env_for(plan, CALLGUARD_NODE="node-w", NOTIFY_SOCKET=path, WATCHDOG_USEC="200000",
-                    CALLGUARD_HTTP_BIND="off", CALLGUARD_AGI_BIND=f"127.0.0.1:{free_port()}"),
+                    CALLGUARD_HTTP_BIND="off", CALLGUARD_AGI_BIND=f"127.0.0.1:{free_port()}",
+                    CALLGUARD_API_BIND=f"127.0.0.1:{free_port()}"),
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     heard = []
     try:

@@ -24,9 +24,10 @@ INSTALLED = "/opt/callguard/bin/callguard"
 PROCESSES = {"callguard-asterisk.service": ["serve", "asterisk"],
              "callguard-freeswitch.service": ["serve", "freeswitch"],
              "callguard-worker.service": ["worker"],
+             "callguard-api.service": ["api"],
              "callguard-asterisk@.service": ["serve", "asterisk"]}
 HTTP_PORTS = {"callguard-asterisk.service": 9464, "callguard-worker.service": 9465,
-              "callguard-freeswitch.service": 9466}
+              "callguard-freeswitch.service": 9466, "callguard-api.service": 9467}
 INSTANCES = ("4574", "4575", "9999")
 PER_PROCESS = {"CALLGUARD_HTTP_BIND", "CALLGUARD_AGI_BIND", "CALLGUARD_ESL_BIND",
                "CALLGUARD_NODE"}

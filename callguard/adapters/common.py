@@ -164,7 +164,7 @@ def serve(adapter: PBXAdapter) -> int:
         log.info("callguard serving %s on %s:%d (node %s)", adapter.setup_protocol, host, port,
                  adapter.control.node)
         sdnotify.ready(f"serving {adapter.setup_protocol} on {host}:{port}")
-        pinging = asyncio.ensure_future(_watchdog(sdnotify.watchdog_interval()))
+        pinging = asyncio.ensure_future(sdnotify.watchdog_loop())
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         signals = []
@@ -185,14 +185,6 @@ def serve(adapter: PBXAdapter) -> int:
         return 1 if adapter.control.failed.is_set() else 0
 
     return run_loop(main())
-
-
-async def _watchdog(every: float | None) -> None:
-    """WATCHDOG=1 from the event loop itself (a unit's WatchdogSec=): a stuck loop stops
-    pinging, and systemd restarts the process."""
-    while every:
-        sdnotify.watchdog()
-        await asyncio.sleep(every)
 
 
 def run_loop(coro):

@@ -8,11 +8,15 @@ import contextlib
 import logging
 import signal
 import threading
+import time
 
 import uvicorn
+from prometheus_client import Counter, Histogram
 
 from .. import sdnotify, service
 from ..config import ConfigError, split_hostport
+from ..health import DEFAULT_BIND, Health, store_checks
+from ..metrics import new_registry
 from .app import create
 from .problems import response
 
@@ -42,6 +46,41 @@ class BodyLimit:
         return await self.app(scope, receive, send)
 
 
+class Measured:
+    """ASGI middleware: each answer counted by route and status, and timed. The route is
+    its template (`/v1/accounts/{account}`), so the labels stay few whatever is asked."""
+
+    def __init__(self, app, registry):
+        self.app = app
+        self.requests = Counter("callguard_api_requests_total", "HTTP API answers",
+                                ["route", "status"], registry=registry)
+        self.seconds = Histogram("callguard_api_request_duration_seconds",
+                                 "HTTP API answer time (a console stream: until it ends)",
+                                 ["route"], registry=registry, buckets=API_BUCKETS)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = 500
+        start = time.perf_counter()
+
+        async def sent(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sent)
+        finally:
+            route = getattr(scope.get("route"), "path", "other")
+            self.requests.labels(route, str(status)).inc()
+            self.seconds.labels(route).observe(time.perf_counter() - start)
+
+
+API_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
 class Server(uvicorn.Server):
     def __init__(self, config, app: service.App, where: str):
         super().__init__(config)
@@ -53,6 +92,7 @@ class Server(uvicorn.Server):
             self.app.serving()
             log.info("api serving on %s (console at /)", self.where)
             sdnotify.ready()
+            self.pinging = asyncio.ensure_future(sdnotify.watchdog_loop())
 
     @contextlib.contextmanager
     def capture_signals(self):
@@ -83,9 +123,10 @@ def configure(app: service.App, bind: str, cert: str | None = None, key: str | N
         raise ConfigError("TLS needs both a certificate and its key (CALLGUARD_API_TLS_CERT, "
                           "CALLGUARD_API_TLS_KEY)")
     host, port = split_hostport(bind)
+    registry = new_registry()
     config = uvicorn.Config(
-        BodyLimit(create(app)), host=host, port=port, loop="uvloop", lifespan="on",
-        log_config=None, access_log=False, server_header=False, proxy_headers=False,
+        BodyLimit(Measured(create(app), registry)), host=host, port=port, loop="uvloop",
+        lifespan="on", log_config=None, access_log=False, server_header=False, proxy_headers=False,
         ssl_certfile=cert, ssl_keyfile=key, timeout_keep_alive=15,
         timeout_graceful_shutdown=5, limit_concurrency=512, backlog=512)
     try:
@@ -93,11 +134,17 @@ def configure(app: service.App, bind: str, cert: str | None = None, key: str | N
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot load the TLS certificate or key: {exc}") from None
     logging.getLogger("uvicorn.error").setLevel(logging.WARNING)  # our own lines say it
-    return Server(config, app, f"{'https' if cert else 'http'}://{bind}/v1/")
+    server = Server(config, app, f"{'https' if cert else 'http'}://{bind}/v1/")
+    server.health = Health("api", registry, store_checks(app))
+    return server
 
 
 def run(app: service.App, bind: str, cert: str | None, key: str | None) -> int:
     server = configure(app, bind, cert, key)
-    server.run()
+    server.health.start(app.settings.http_bind or DEFAULT_BIND["api"])
+    try:
+        server.run()
+    finally:
+        server.health.stop()
     log.info("stopped")
     return 0 if server.started else 1
