@@ -125,9 +125,14 @@ def _apply_one(app: App, row_id: int, account_id: str, entry: int | None,
                amount: int | None) -> bool:
     with app.books.session.begin() as db:
         # Claim the row with a write: it locks the row (the database on SQLite), so two
-        # appliers never both apply it; 0 rows: someone else has just done it.
-        claimed = db.execute(update(RedisOutbox).where(RedisOutbox.id == row_id)
-                             .values(account=RedisOutbox.account)).rowcount
+        # appliers never both apply it; 0 rows: someone else has just done it. By what the
+        # row says, not by its id alone: SQLite gives a deleted row's id to the next row,
+        # and an applier holding an old list would credit an entry Redis already has and
+        # delete the new row unapplied (seen with concurrent API top-ups).
+        claimed = db.execute(update(RedisOutbox).where(
+            RedisOutbox.id == row_id, RedisOutbox.account == account_id,
+            RedisOutbox.entry.is_(None) if entry is None else RedisOutbox.entry == entry)
+            .values(account=RedisOutbox.account)).rowcount
         if not claimed:
             return False
         if entry is None:

@@ -87,3 +87,27 @@ def _columns(line: str) -> list[str]:
         cells.append(line[at:at + width].strip())
         at += width + 1
     return [*cells, line[at:].strip()]
+
+
+def test_an_applier_with_an_old_outbox_list_applies_nothing_twice_and_loses_nothing(app):
+    """Two appliers (API threads, the CLI, the worker) read the outbox; one applies a row
+    and deletes it, a new movement is booked, and on SQLite its row takes the deleted
+    row's id. The other applier then claims "its" row by that id: it must neither credit
+    the old entry again nor delete the new row unapplied. (Concurrent API top-ups left
+    Redis CHF 0.67 to 3.07 off the books on SQLite before the claim checked the entry.)"""
+    from callguard import service
+
+    acct = "41441234567"
+    prepaid(app, acct, balance=0)
+    app.books.book(acct, "topup", 1_000_000, "T-1")
+    stale = app.books.outbox(acct)  # what the slow applier read
+    assert service.apply_outbox(app, acct) == 1  # the quick one applied it
+    app.books.book(acct, "topup", 2_000_000, "T-2")
+    fresh = app.books.outbox(acct)
+    for row_id, account, entry, amount in stale:
+        service._apply_one(app, row_id, account, entry, amount)
+    # Whether or not the id came back, Redis has each entry once, and T-2 is still due.
+    assert snapshot(app, acct)["balance"] == 1_000_000
+    assert app.books.outbox(acct) == fresh
+    assert service.apply_outbox(app, acct) == 1
+    assert snapshot(app, acct)["balance"] == 3_000_000 == app.books.get_account(acct).balance
