@@ -14,6 +14,7 @@ from importlib.metadata import version
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, FastAPI, Header, Path, Query, Request, Response, Security
+from fastapi.concurrency import run_in_threadpool
 from fastapi.openapi.utils import get_openapi
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import select
@@ -46,14 +47,18 @@ bearer = HTTPBearer(auto_error=False, description="A token from `callguard api t
 def require(scope: str):
     """A route's dependency: the caller, when its token has `scope` (or more)."""
 
-    def caller(request: Request,
-               credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)]
-               ) -> Caller:
+    async def caller(request: Request,
+                     credentials: Annotated[HTTPAuthorizationCredentials | None,
+                                            Security(bearer)]) -> Caller:
+        # async: a token known within the last 2 s costs no hop into the thread pool.
         challenge = {"WWW-Authenticate": 'Bearer realm="callguard"'}
         if credentials is None:
             raise Problem(401, "a bearer token is required (Authorization: Bearer cg_...)",
                           challenge)
-        found = request.app.state.verify(credentials.credentials)
+        verify = request.app.state.verify
+        found = verify.cached(credentials.credentials)
+        if found is False:
+            found = await run_in_threadpool(verify, credentials.credentials)
         if found is None:
             raise Problem(401, "unknown or revoked token", challenge)
         if not found.may(scope):

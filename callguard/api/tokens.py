@@ -81,15 +81,20 @@ class Verifier:
         self._known: dict[str, tuple[float, Caller | None]] = {}
         self._lock = threading.Lock()
 
-    def __call__(self, token: str) -> Caller | None:
+    def cached(self, token: str) -> Caller | None | bool:
+        """The answer without asking SQL: a Caller, None (refused), or False (ask)."""
         if not token.startswith(PREFIX) or len(token) > 100:
             return None
+        with self._lock:
+            hit = self._known.get(digest(token))
+        return hit[1] if hit and hit[0] > time.monotonic() else False
+
+    def __call__(self, token: str) -> Caller | None:
+        found = self.cached(token)
+        if found is not False:
+            return found
         key = digest(token)
         now = time.monotonic()
-        with self._lock:
-            hit = self._known.get(key)
-        if hit and hit[0] > now:
-            return hit[1]
         with self.books.session() as db:
             row = db.scalar(select(ApiToken).where(ApiToken.digest == key))
         if row is None:
