@@ -42,10 +42,11 @@ class App:
         # outside the CLI) the server stays up. Set before the first use of Redis.
         self.one_shot = one_shot
         self._embedded: EmbeddedUse | None = None
+        self.sql_pool: int | None = None  # SQL connections kept open (None: the default)
 
     @cached_property
     def books(self) -> Books:
-        return Books(make_engine(self.settings.sql_url))
+        return Books(make_engine(self.settings.sql_url, self.sql_pool))
 
     @cached_property
     def redis_url(self) -> str:

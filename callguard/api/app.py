@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 from importlib.metadata import version
 from typing import Annotated
 
+import anyio.to_thread
 from fastapi import APIRouter, Depends, FastAPI, Header, Path, Query, Request, Response, Security
 from fastapi.concurrency import run_in_threadpool
 from fastapi.openapi.utils import get_openapi
@@ -32,6 +33,7 @@ from .tokens import Caller, Verifier
 log = logging.getLogger("callguard.api")
 
 MAX_PAGE = 1000
+THREADS = 16  # routes run at once (FastAPI's thread pool), each with an SQL connection
 
 
 def _problems(*statuses: int) -> dict:
@@ -372,7 +374,12 @@ def create(app: service.App, console: bool = True) -> FastAPI:
     """The ASGI application: the API under /v1, the console at /."""
     @asynccontextmanager
     async def lifespan(_web):
-        # Opened here, once, not by the first requests at the same time in several threads.
+        # As many routes at once as SQL connections kept open: none waits for one, none
+        # opens one of its own. Opened here, once, not by the first requests at the same
+        # time in several threads.
+        anyio.to_thread.current_default_thread_limiter().total_tokens = THREADS
+        if "books" not in app.__dict__:
+            app.sql_pool = THREADS
         app.books  # noqa: B018
         app.redis  # noqa: B018
         yield

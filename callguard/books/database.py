@@ -19,7 +19,11 @@ _MYSQL = ("mysql", "mariadb")
 CONNECT_TIMEOUT = 5  # seconds
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, pool_size: int | None = None) -> Engine:
+    """`pool_size`: connections kept open for that many threads at once (the API's thread
+    pool); SQLAlchemy's default keeps 5 and opens and closes up to 10 more as needed,
+    which under load means a new connection for many requests."""
+    sizing = {} if pool_size is None else {"pool_size": pool_size, "max_overflow": 0}
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1].split("?", 1)[0]
         if path and path != ":memory:":
@@ -27,7 +31,7 @@ def make_engine(url: str) -> Engine:
             # (SQLite gives its -wal and -shm files the database file's mode).
             Path(path).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
-        engine = create_engine(url, connect_args={"timeout": 30})
+        engine = create_engine(url, connect_args={"timeout": 30}, **sizing)
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn, _record):
@@ -43,7 +47,7 @@ def make_engine(url: str) -> Engine:
     except ArgumentError:
         raise ConfigError("the database URL is not a valid SQLAlchemy URL "
                           "(dialect[+driver]://user:password@host/database)") from None
-    options: dict = {"pool_pre_ping": True}
+    options: dict = {"pool_pre_ping": True, **sizing}
     if parsed.get_backend_name() in ("postgresql", *_MYSQL) and (
             "connect_timeout" not in parsed.query):
         # A black-holed server must not hold a command (or the worker, past its systemd
