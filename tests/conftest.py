@@ -185,7 +185,7 @@ def _on_mariadb_too(item) -> bool:
 # code whatever the database (their faults, the worker and the books' own tests run on
 # PostgreSQL too), and on PostgreSQL they doubled ~3 minutes of the suite.
 SQLITE_ONLY = {"test_asterisk.py", "test_freeswitch.py", "test_protocol_esl.py",
-               "test_protocol_agi.py", "test_metrics.py"}
+               "test_protocol_agi.py", "test_metrics.py", "test_console.py"}
 
 
 def _dropped(item) -> bool:

@@ -411,7 +411,7 @@ def _env(app, **extra) -> dict:
     s = app.settings
     return {**os.environ, "CALLGUARD_HOME": str(s.home), "CALLGUARD_REDIS_URL": s.redis_url,
             "CALLGUARD_DATABASE_URL": s.sql_url, "CALLGUARD_KEY_PREFIX": s.key_prefix,
-            **extra}
+            "CALLGUARD_HTTP_BIND": "off", **extra}
 
 
 def _until_up(proc, url: str, **client) -> None:
@@ -536,3 +536,25 @@ def test_the_api_process_is_measured_and_ready_with_redis_and_its_books(app):
         in text
     assert 'callguard_api_request_duration_seconds_count{route="/v1/accounts/{account}"} 4.0' \
         in text
+
+
+def test_a_stop_ends_the_console_streams_rather_than_waiting_for_them(app):
+    token = tokens.create(app.books, "noc", "read")[1]
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "callguard", "api", "--bind",
+                             f"127.0.0.1:{port}"], env=_env(app), stderr=subprocess.PIPE)
+    try:
+        _until_up(proc, f"http://127.0.0.1:{port}/v1/openapi.json")
+        with httpx.stream("GET", f"http://127.0.0.1:{port}/v1/console/events", timeout=30,
+                          headers={"Authorization": f"Bearer {token}"}) as events:
+            lines = events.iter_lines()
+            while not next(lines).startswith("event: snapshot"):
+                pass
+            proc.send_signal(signal.SIGTERM)
+            rest = list(lines)  # the server ends the stream: this returns
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0
+    assert "graceful shutdown exceeded" not in err.decode(), err.decode()
+    assert all(not line.startswith("event: error") for line in rest)

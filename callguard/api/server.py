@@ -82,9 +82,9 @@ API_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5
 
 
 class Server(uvicorn.Server):
-    def __init__(self, config, app: service.App, where: str):
+    def __init__(self, config, app: service.App, web, where: str):
         super().__init__(config)
-        self.app, self.where = app, where
+        self.app, self.web, self.where = app, web, where
 
     async def startup(self, sockets=None):
         await super().startup(sockets)
@@ -114,6 +114,11 @@ class Server(uvicorn.Server):
         if not self.should_exit:
             log.info("stopping (%s)", signal.Signals(sig).name)
             sdnotify.stopping()
+            # The console's streams never end by themselves: end them (the browsers
+            # reconnect), or the stop waits out the graceful timeout for them.
+            console = getattr(self.web.state, "console", None)
+            if console is not None:
+                console.close()
         self.handle_exit(sig, None)
 
 
@@ -124,8 +129,9 @@ def configure(app: service.App, bind: str, cert: str | None = None, key: str | N
                           "CALLGUARD_API_TLS_KEY)")
     host, port = split_hostport(bind)
     registry = new_registry()
+    web = create(app)
     config = uvicorn.Config(
-        BodyLimit(Measured(create(app), registry)), host=host, port=port, loop="uvloop",
+        BodyLimit(Measured(web, registry)), host=host, port=port, loop="uvloop",
         lifespan="on", log_config=None, access_log=False, server_header=False, proxy_headers=False,
         ssl_certfile=cert, ssl_keyfile=key, timeout_keep_alive=15,
         timeout_graceful_shutdown=5, limit_concurrency=512, backlog=512)
@@ -134,7 +140,7 @@ def configure(app: service.App, bind: str, cert: str | None = None, key: str | N
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot load the TLS certificate or key: {exc}") from None
     logging.getLogger("uvicorn.error").setLevel(logging.WARNING)  # our own lines say it
-    server = Server(config, app, f"{'https' if cert else 'http'}://{bind}/v1/")
+    server = Server(config, app, web, f"{'https' if cert else 'http'}://{bind}/v1/")
     server.health = Health("api", registry, store_checks(app))
     return server
 

@@ -88,7 +88,11 @@ def account_ids(client, keys: Keys) -> list[str]:
 
 
 def account_state(client, keys: Keys, account: str) -> dict[str, int | str] | None:
-    raw = client.hgetall(keys.account(account))
+    return account_reading(client.hgetall(keys.account(account)))
+
+
+def account_reading(raw: dict) -> dict[str, int | str] | None:
+    """An account's Redis hash (HGETALL, or a pipeline's reply), its money as integers."""
     if not raw:
         return None
     state = dict(raw)
@@ -98,7 +102,7 @@ def account_state(client, keys: Keys, account: str) -> dict[str, int | str] | No
     return state
 
 
-def _live_members(client, keys: Keys, account: str | None, max_score="+inf") -> list:
+def live_members(client, keys: Keys, account: str | None, max_score="+inf") -> list:
     """(member, deadline) of the live sets: one account's, or every shard's."""
     shards = [shard_of(account)] if account else range(SHARDS)
     pipe = client.pipeline(transaction=False)
@@ -114,17 +118,23 @@ def live_sessions(client, keys: Keys, account: str | None = None,
                   overdue_at: int | None = None) -> list[dict]:
     """Supervised sessions (of one account, or all; only those whose deadline passed
     `overdue_at` when given), each with its id and deadline."""
-    members = _live_members(client, keys, account, "+inf" if overdue_at is None else overdue_at)
+    members = live_members(client, keys, account, "+inf" if overdue_at is None else overdue_at)
     pipe = client.pipeline(transaction=False)
     for member, _ in members:
         account_id, channel = member.split("/", 1)
         pipe.hgetall(keys.session(account_id, channel))
-    out = []
-    for (member, deadline), fields in zip(members, pipe.execute(), strict=True):
-        if fields.get("n") and fields.get("st") in ("auth", "ans"):
-            out.append({**fields, "account": fields["acct"], "channel": fields["ch"],
-                        "session": f"{member}/{fields['n']}", "deadline": deadline})
-    return out
+    found = (session_reading(member, deadline, fields)
+             for (member, deadline), fields in zip(members, pipe.execute(), strict=True))
+    return [session for session in found if session is not None]
+
+
+def session_reading(member: str, deadline: int, fields: dict) -> dict | None:
+    """A live set's member and its session hash (a pipeline's reply): the session with its
+    id and deadline, or None when the hash is gone or the call is over."""
+    if fields.get("n") and fields.get("st") in ("auth", "ans"):
+        return {**fields, "account": fields["acct"], "channel": fields["ch"],
+                "session": f"{member}/{fields['n']}", "deadline": deadline}
+    return None
 
 
 def pending_commits(client, keys: Keys, shard: int, dead: bool = False) -> list[dict]:
