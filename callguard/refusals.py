@@ -22,7 +22,7 @@ REFUSED = (BooksError, AmountError, NumberError, ConfigError, NodeClash, LayoutM
            ValueError)
 
 EXPECTED = (*REFUSED, redis.RedisError, RedisUnavailable, sqlalchemy.exc.OperationalError,
-            sqlalchemy.exc.ProgrammingError)
+            sqlalchemy.exc.ProgrammingError, sqlalchemy.exc.TimeoutError)
 
 
 def explain(exc: BaseException) -> tuple[bool, str] | None:
@@ -33,6 +33,8 @@ def explain(exc: BaseException) -> tuple[bool, str] | None:
     if isinstance(exc, redis.RedisError | RedisUnavailable):
         log.debug("redis failure", exc_info=exc)
         return True, f"Redis unavailable: {exc}"
+    if isinstance(exc, sqlalchemy.exc.TimeoutError):  # no pooled connection came in time
+        return True, "the SQL database is busy: no connection free (try again)"
     if isinstance(exc, sqlalchemy.exc.OperationalError | sqlalchemy.exc.ProgrammingError):
         log.debug("database failure", exc_info=exc)
         text = str(exc.orig).splitlines()[0] if str(exc.orig) else type(exc.orig).__name__

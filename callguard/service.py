@@ -257,17 +257,26 @@ def move_money(app: App, account_id: str, kind: str, amount: int,
                          f" (use {'payment' if kind == 'topup' else 'topup'})")
     if amount == 0 or (wanted and amount < 0):
         raise BooksError("amount must be greater than zero")
+    if ref is not None:
+        # One reference is one movement on an account, whatever its kind: a transfer booked
+        # as a top-up is not booked again as an adjustment.
+        for other in MOVEMENTS.keys() - {kind}:
+            if (entry := app.books.entry_by_key(movement_key(other, account_id, ref))):
+                raise BooksError(f"reference {ref!r} is already booked on {account_id} as "
+                                 f"{'an' if other[0] in 'aeiou' else 'a'} {other} (entry "
+                                 f"{entry.id})")
     booking = app.books.book(account_id, kind, amount, movement_key(kind, account_id, ref),
                              reference=ref)
     return booking, apply_now(app, account_id)
 
 
 def movement_key(kind: str, account: str, ref: str | None) -> str:
-    """The idempotency key: the reference itself, or its digest when it would not fit."""
+    """The idempotency key: the reference itself, or its digest when it would not fit (or
+    looks like one: a reference "sha256:..." must not be taken for another's digest)."""
     if ref is None:
         return f"{kind}:{account}:{uuid.uuid4()}"
     key = f"{kind}:{account}:{ref}"
-    if len(key) > 200:
+    if len(key) > 200 or ref.startswith("sha256:"):
         key = f"{kind}:{account}:sha256:{hashlib.sha256(ref.encode()).hexdigest()}"
     return key
 

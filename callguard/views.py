@@ -41,7 +41,7 @@ def epoch_ms(value: str | datetime | None, end: bool = False) -> int | None:
     try:
         at = (datetime.combine(date.fromisoformat(value), time.max if end else time.min, UTC)
               if len(value) == 10 else as_utc(datetime.fromisoformat(value)))
-    except ValueError:
+    except (ValueError, OverflowError):
         raise BooksError(f"not a date: {value!r} (YYYY-MM-DD or an ISO 8601 time)") from None
     return int(at.timestamp() * 1000)
 

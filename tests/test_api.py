@@ -27,6 +27,7 @@ from sqlalchemy import func, select
 
 from callguard.api import tokens
 from callguard.api.server import configure
+from callguard.books.ledger import BooksError
 from callguard.books.models import ApiToken, LedgerEntry
 from callguard.engine.runner import SyncEngine
 
@@ -131,12 +132,12 @@ def test_an_account_token_sees_and_changes_its_own_account_only(api):
     prepaid(app, ACCT)
     prepaid(app, OTHER)
     mine = api.token("admin", ACCT)
-    money = api.token("money", ACCT)
+    with pytest.raises(BooksError, match="a token bound to an account cannot move money"):
+        api.token("money", ACCT)
     assert api.call("GET", f"/v1/accounts/{ACCT}", mine).status_code == 200
     # Another account is as if it did not exist.
     assert problem(api.call("GET", f"/v1/accounts/{OTHER}", mine), 404) == \
         f"unknown account {OTHER}"
-    assert problem(api.topup(money, OTHER, "5", "x-1"), 404) == f"unknown account {OTHER}"
     assert problem(api.call("GET", f"/v1/cdrs?account={OTHER}", mine), 404)
     assert problem(api.call("GET", f"/v1/calls?account={OTHER}", mine), 404)
     assert problem(api.call("GET", "/v1/accounts", mine), 403).endswith(
@@ -151,9 +152,12 @@ def test_an_account_token_sees_and_changes_its_own_account_only(api):
             api.call("PATCH", f"/v1/accounts/{ACCT}", mine, json=body), 403)
     for path in ("block", "unblock"):
         assert problem(api.call("POST", f"/v1/accounts/{ACCT}/{path}", mine, json={}), 403)
-    assert problem(api.topup(money, ACCT, "-1", "adj-1", kind="adjustments"), 403)
-    assert api.topup(money, ACCT, "5", "card-1").status_code == 201
-    assert entries(app, ACCT) == 2 and entries(app, OTHER) == 1
+    # Money a customer's own token moved would be money nobody paid.
+    for kind, amount in (("topups", "1000"), ("adjustments", "-1"), ("topups", "5")):
+        assert problem(api.topup(mine, ACCT, amount, f"self-{kind}", kind=kind), 403).endswith(
+            "needs an operator's token")
+    assert problem(api.topup(mine, OTHER, "5", "x-1"), 403)
+    assert entries(app, ACCT) == 1 and entries(app, OTHER) == 1
     assert app.books.get_account(ACCT).max_channels == 0
 
 
@@ -183,6 +187,30 @@ def test_a_top_up_is_booked_once_per_idempotency_key_however_often_it_is_sent(ap
     assert problem(api.call("POST", f"/v1/accounts/{ACCT}/topups", token,
                             json={"amount": "1"}), 422) == \
         "Idempotency-Key (header): Field required"
+
+
+def test_one_reference_is_one_movement_whatever_its_kind_or_spelling(api, run):
+    """The review's: a key booked as a top-up was booked again as an adjustment; "é" came
+    through the header as "Ã©" and the CLI booked the same reference again; a reference
+    spelled like another's digest ("sha256:...") took that one's place."""
+    import hashlib
+
+    prepaid(api.app, ACCT)
+    token = api.token("admin")
+    assert api.topup(token, ACCT, "5", "cross-1").status_code == 201
+    detail = problem(api.topup(token, ACCT, "5", "cross-1", kind="adjustments"), 422)
+    assert detail == f"reference 'cross-1' is already booked on {ACCT} as a topup (entry 2)"
+    key = "é-ünicode"
+    booked = api.call("POST", f"/v1/accounts/{ACCT}/topups", token, json={"amount": "1"},
+                      headers={"Idempotency-Key": key.encode()})
+    assert booked.status_code == 201
+    assert run("account", "topup", ACCT, "1", "--ref", key).stdout.startswith(
+        "already booked as entry")
+    long = "BANK-" + "9" * 190
+    digest = hashlib.sha256(long.encode()).hexdigest()
+    assert api.topup(token, ACCT, "5", f"sha256:{digest}").status_code == 201
+    assert run("account", "topup", ACCT, "5", "--ref", long).stdout.startswith("booked topup")
+    assert entries(api.app) == 5
 
 
 def test_bad_input_is_a_4xx_problem_and_books_nothing(api):
@@ -220,6 +248,13 @@ def test_bad_input_is_a_4xx_problem_and_books_nothing(api):
         (api.call("GET", "/v1/cdrs?after=zz", token), 422, "not a cursor of this list: 'zz'"),
         (api.call("GET", f"/v1/cdrs?acount={ACCT}", token), 422,
          "unknown query parameter(s): 'acount'"),
+        (api.call("GET", "/v1/cdrs?after=99999999999999999999999999.1", token), 422, None),
+        (api.call("GET", f"/v1/accounts/{ACCT}/ledger?after=99999999999999999999", token),
+         422, None),
+        (api.call("GET", "/v1/cdrs", token, params={"since": "0001-01-01T00:00:00+01:00"}),
+         422, "not a date: '0001-01-01T00:00:00+01:00' (YYYY-MM-DD or an ISO 8601 time)"),
+        (api.call("GET", f"/v1/accounts/{ACCT}/ledger", token,
+                  params={"until": "9999-12-31T23:00:00-05:00"}), 422, None),
         (api.call("GET", "/v1/cdrs?since=yesterday", token), 422,
          "not a date: 'yesterday' (YYYY-MM-DD or an ISO 8601 time)"),
         (api.call("GET", "/v1/accounts/bad%20id", token), 422, None),
@@ -246,17 +281,34 @@ def test_bad_input_is_a_4xx_problem_and_books_nothing(api):
     assert app.books.get_account(ACCT).balance == 50_000_000
 
 
-def test_a_body_that_does_not_say_its_length_is_refused(api):
+@pytest.mark.parametrize("length", [None, 10])
+def test_a_body_that_does_not_say_its_length_is_refused(api, length):
+    """Chunked, with or without a Content-Length beside it: h11 reads the chunks however
+    many the length claims (the review sent 200 MB behind "Content-Length: 10")."""
     prepaid(api.app, ACCT)
     token = api.token("money")
+    claimed = f"Content-Length: {length}\r\n" if length else ""
     with socket.create_connection(("127.0.0.1", api.port), timeout=10) as sock:
         sock.sendall(f"POST /v1/accounts/{ACCT}/topups HTTP/1.1\r\nHost: x\r\n"
                      f"Authorization: Bearer {token}\r\nIdempotency-Key: chunk\r\n"
-                     "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     f"Content-Type: application/json\r\n{claimed}"
+                     "Transfer-Encoding: chunked\r\n\r\n"
                      "10\r\n{\"amount\": \"5\"} \r\n0\r\n\r\n".encode())
         head = sock.recv(4096).decode()
     assert head.startswith("HTTP/1.1 411 ")
     assert entries(api.app) == 1
+
+
+@pytest.mark.parametrize("sent", [b"", b"GET /v1/openapi.json HTTP/1.1\r\nHost"])
+def test_a_connection_that_sends_no_request_is_closed(api, monkeypatch, sent):
+    """512 idle or half-sent connections used to take every slot of the server for ever."""
+    from callguard.api import server
+
+    monkeypatch.setattr(server, "HEADER_SECONDS", 0.3)
+    with socket.create_connection(("127.0.0.1", api.port), timeout=10) as sock:
+        sock.sendall(sent)
+        assert sock.recv(4096) == b""  # closed by the server, not by the 10 s timeout
+    assert api.call("GET", "/v1/openapi.json").status_code == 200
 
 
 def test_money_moves_and_blocks_are_logged_with_the_token_name_never_the_token(api, caplog):
@@ -385,18 +437,18 @@ def test_the_published_openapi_document_is_the_one_in_docs(api):
 
 def test_tokens_are_kept_as_digests_and_shown_once(run, app):
     prepaid(app, ACCT)
-    out = run("api", "token", "create", "--scope", "money", "--name", "portal",
+    out = run("api", "token", "create", "--scope", "read", "--name", "portal",
               "--account", ACCT)
     token = out.stdout.strip()
     assert token.startswith("cg_") and len(token) == 46
-    assert out.stderr == (f"callguard: token portal (money, account {ACCT}) made; it is shown "
+    assert out.stderr == (f"callguard: token portal (read, account {ACCT}) made; it is shown "
                           "this once\n")
     with app.books.session() as db:
         row = db.scalar(select(ApiToken))
     assert row.digest == tokens.digest(token) and token not in repr(row.__dict__)
     listed = json.loads(run("api", "token", "list", "--json").stdout)
     assert [(t["name"], t["scope"], t["account"], t["revoked_at"]) for t in listed] == [
-        ("portal", "money", ACCT, None)]
+        ("portal", "read", ACCT, None)]
     assert token not in run("api", "token", "list").stdout
     again = run("api", "token", "create", "--scope", "read", "--name", "portal")
     assert again.stderr == "callguard: a token named portal exists already (revoke it first)\n"

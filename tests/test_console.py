@@ -421,3 +421,38 @@ def test_a_read_only_token_may_not_hang_up_and_the_block_button_blocks_and_hangs
     assert dialogs == [f"Block account {ACCT} both ways and hang up its calls?"]
     assert len(hangups(sim)) == 2 and all(c.cause == 16 for c in ended)
     assert status == "blocked (blocked from the console)"
+
+
+def test_a_revoked_token_loses_its_open_stream_and_one_token_holds_few(plan):
+    """The review's: a revoked operator token went on receiving every account's live
+    calls; one customer's token could fill every stream slot and lock operators out."""
+    prepaid(plan, ACCT)
+    call = plan.engine.authorize(ACCT, PREMIUM, "outbound", "1795236355.91")
+    plan.engine.answer(call.session)  # 1/1 billing: its cost moves every second
+    secret = token(plan, "noc-night", "read")
+    customer = token(plan, "portal-1", "read", account=ACCT)
+    try:
+        with api_server(plan) as base:
+            feeds = [Feed(base, customer) for _ in range(console.PER_TOKEN)]
+            try:
+                refused = httpx.get(base + "/v1/console/events", timeout=10,
+                                    headers={"Authorization": f"Bearer {customer}"})
+            finally:
+                for feed in feeds:
+                    feed.close()
+            feed = Feed(base, secret)
+            try:
+                assert feed.next()[0] == "comment" and feed.next()[0] == "snapshot"
+                tokens.revoke(plan.books, "noc-night")
+                events, give_up = [], time.monotonic() + 60  # a bound, not a window
+                with contextlib.suppress(AssertionError):  # "the stream ended"
+                    while time.monotonic() < give_up:
+                        events.append(feed.next())
+            finally:
+                feed.close()
+    finally:
+        plan.engine.commit(call.session, "16")
+    assert refused.status_code == 503
+    assert refused.json()["detail"] == (f"token portal-1 has {console.PER_TOKEN} console "
+                                        "streams open already")
+    assert events[-1] == ("error", {"message": "this token was revoked"})

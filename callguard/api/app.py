@@ -34,6 +34,7 @@ log = logging.getLogger("callguard.api")
 
 MAX_PAGE = 1000
 THREADS = 16  # routes run at once (FastAPI's thread pool), each with an SQL connection
+SQL_POOL = THREADS + 4  # and the console's poller, and a lookup of a token meanwhile
 
 
 def _problems(*statuses: int) -> dict:
@@ -115,9 +116,18 @@ def _cursor(text: str | None, parts: int) -> list[int] | None:
         values = [int(p) for p in text.split(".")]
     except ValueError:
         values = []
-    if len(values) != parts or any(v < 0 for v in values):
+    if len(values) != parts or any(not 0 <= v < 2**63 for v in values):
         raise Problem(422, f"not a cursor of this list: {text!r}")
     return values
+
+
+def _utf8(header: str) -> str:
+    """A header as the client wrote it: ASGI gives its bytes as latin-1, so "é" would be
+    booked as "Ã©" and never match the same reference given to the CLI."""
+    try:
+        return header.encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        raise Problem(422, "Idempotency-Key (header): not UTF-8") from None
 
 
 def _micros(value: str | None, name: str, negative: bool = False) -> int | None:
@@ -232,9 +242,10 @@ def routes(app: service.App) -> APIRouter:
     def movement(kind: str, summary: str):
         def book(account: AccountPath, body: m.Movement, key: IdempotencyKey,
                  caller: Annotated[Caller, Depends(money)], response: Response):
-            _own(caller, account)
-            if kind == "adjustment":
-                operator_only(caller)
+            # Money moved by a customer's own token would be money nobody paid: a top-up
+            # or payment is booked by billing (or the auto top-up), with an operator's.
+            operator_only(caller)
+            key = _utf8(key)
             micros = _micros(body.amount, "amount", negative=kind == "adjustment")
             if micros == 0:
                 raise Problem(422, f"amount must be greater than zero: {body.amount!r}")
@@ -259,7 +270,7 @@ def routes(app: service.App) -> APIRouter:
             ("payments", "payment", "Book a payment on a postpaid account: lowers what is "
                                     "outstanding and lifts a credit-limit block."),
             ("adjustments", "adjustment", "Correct a balance either way (a refund, a "
-                                          "chargeback); negative lowers it. Operator only.")):
+                                          "chargeback); negative lowers it.")):
         api.post(f"/accounts/{{account}}/{path}", response_model=m.Booked, status_code=201,
                  tags=["money"], name=f"book_{kind}", responses={
                      200: {"model": m.Booked, "description": "Booked before, with this "
@@ -374,14 +385,14 @@ def create(app: service.App, console: bool = True) -> FastAPI:
     """The ASGI application: the API under /v1, the console at /."""
     @asynccontextmanager
     async def lifespan(_web):
-        # As many routes at once as SQL connections kept open: none waits for one, none
-        # opens one of its own. Opened here, once, not by the first requests at the same
-        # time in several threads.
+        # Fewer routes at once than SQL connections kept open (server.configure sizes the
+        # pool): none waits for one, none opens one of its own.
         anyio.to_thread.current_default_thread_limiter().total_tokens = THREADS
-        if "books" not in app.__dict__:
-            app.sql_pool = THREADS
+        # The engine loads the rate plans on first use, from inside a booking's open
+        # transaction: done once here, not by 16 threads at once each holding a
+        # connection while they wait for it.
         app.books  # noqa: B018
-        app.redis  # noqa: B018
+        app.engine  # noqa: B018
         yield
 
     web = FastAPI(title="callguard", version=version("callguard"), lifespan=lifespan,

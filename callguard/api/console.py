@@ -29,7 +29,8 @@ from base64 import b64encode
 from dataclasses import dataclass, field
 from importlib.resources import files
 
-from fastapi import Depends, FastAPI
+from fastapi import Depends, FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, StreamingResponse
 from sqlalchemy import select
 
@@ -52,6 +53,9 @@ NOTICES = 20  # the newest notices shown
 LINGER_MS = 300_000  # an account stays listed this long after its last call
 QUEUE = 32  # events waiting for one subscriber; beyond, it is dropped (it reconnects)
 MAX_SUBSCRIBERS = 64
+OPERATOR_SLOTS = 16  # of those, never taken by tokens bound to an account
+PER_TOKEN = 4  # streams one token may hold open
+RECHECK = 2.0  # seconds between checks that a stream's token still holds
 # The fields of a call that move every second by themselves: the browser ticks them.
 TICKING = frozenset({"answered_for", "left_seconds", "cost_so_far"})
 # The Redis hash fields the books push (state.account_fields): when one changes, the
@@ -74,6 +78,8 @@ class Reading:
 @dataclass(eq=False)
 class Subscriber:
     account: str | None  # a token bound to an account sees that account only
+    token: str = ""  # who opened it: checked again while it is open (a revocation)
+    name: str = ""
     queue: asyncio.Queue = field(default_factory=lambda: asyncio.Queue(QUEUE))
     fresh: bool = True  # owes a snapshot
     dropped: bool = False
@@ -265,11 +271,15 @@ class Hub:
         self.polls = 0
         self.warn = Throttled(log, interval=60.0)
 
-    def subscribe(self, account: str | None) -> Subscriber:
-        if len(self.subscribers) >= MAX_SUBSCRIBERS:
-            raise Problem(503, f"the console has {MAX_SUBSCRIBERS} streams open already",
+    def subscribe(self, account: str | None, token: str = "", name: str = "") -> Subscriber:
+        if sum(s.name == name for s in self.subscribers) >= PER_TOKEN:
+            raise Problem(503, f"token {name} has {PER_TOKEN} console streams open already",
                           {"Retry-After": "10"})
-        sub = Subscriber(account)
+        # Operators' tokens keep slots of their own: customers' streams cannot fill them.
+        if len(self.subscribers) >= MAX_SUBSCRIBERS - (OPERATOR_SLOTS if account else 0):
+            raise Problem(503, f"the console has {len(self.subscribers)} streams open "
+                               "already", {"Retry-After": "10"})
+        sub = Subscriber(account, token, name)
         self.subscribers.add(sub)
         if self.task is not None and self.reading is not None and account is None:
             self._send(sub, sse("snapshot", snapshot_for(self.reading, None)))
@@ -352,7 +362,12 @@ class Hub:
                 self._send(sub, shared[sub.account])
 
 
-async def stream(hub: Hub, sub: Subscriber):
+async def stream(hub: Hub, sub: Subscriber, verify=None):
+    """The events of one subscriber. Before what it sends, at most every RECHECK s (from
+    the verifier's cache mostly), its token is checked again: a revoked one ends the
+    stream within a heartbeat."""
+    loop = asyncio.get_running_loop()
+    checked = loop.time()
     try:
         yield b": callguard console\n\n"
         while not sub.dropped:
@@ -362,6 +377,12 @@ async def stream(hub: Hub, sub: Subscriber):
                 data = b": keepalive\n\n"
             if data is None:
                 return
+            if verify is not None and loop.time() - checked >= RECHECK:
+                checked = loop.time()
+                caller = await run_in_threadpool(verify, sub.token)
+                if caller is None or caller.account != sub.account:
+                    yield sse("error", {"message": "this token was revoked"})
+                    return
             yield data
     finally:
         hub.leave(sub)
@@ -396,9 +417,11 @@ def mount(web: FastAPI, app, read) -> None:
         return HTMLResponse(page, headers=headers)
 
     @web.get("/v1/console/events", include_in_schema=False)
-    async def console_events(caller: Caller = Depends(read)):  # noqa: B008 - `read` is local
-        sub = hub.subscribe(caller.account)
+    async def console_events(request: Request, caller: Caller = Depends(read)):  # noqa: B008 - `read` is local
+        token = request.headers["authorization"].partition(" ")[2].strip()
+        sub = hub.subscribe(caller.account, token, caller.name)
         log.debug("console stream opened by token %s", caller.name)
-        return StreamingResponse(stream(hub, sub), media_type="text/event-stream",
+        return StreamingResponse(stream(hub, sub, web.state.verify),
+                                 media_type="text/event-stream",
                                  headers={"Cache-Control": "no-store",
                                           "X-Accel-Buffering": "no"})

@@ -12,12 +12,13 @@ import time
 
 import uvicorn
 from prometheus_client import Counter, Histogram
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .. import sdnotify, service
 from ..config import ConfigError, split_hostport
 from ..health import DEFAULT_BIND, Health, store_checks
 from ..metrics import new_registry
-from .app import create
+from .app import SQL_POOL, create
 from .problems import response
 
 log = logging.getLogger("callguard.api")
@@ -37,9 +38,11 @@ class BodyLimit:
         if scope["type"] == "http":
             headers = dict(scope["headers"])
             length = headers.get(b"content-length")
-            if b"transfer-encoding" in headers and length is None:
-                return await response(411, "send the body with a Content-Length")(
-                    scope, receive, send)
+            # Any Transfer-Encoding, with a Content-Length or not: h11 goes by the former,
+            # so a "Content-Length: 10" would not bound a chunked body of gigabytes.
+            if b"transfer-encoding" in headers:
+                return await response(411, "send the body with a Content-Length and no "
+                                           "Transfer-Encoding")(scope, receive, send)
             if length is not None and (not length.isdigit() or int(length) > self.limit):
                 return await response(413, f"the body is over {self.limit} bytes")(
                     scope, receive, send)
@@ -79,6 +82,50 @@ class Measured:
 
 
 API_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+HEADER_SECONDS = 10.0  # a connection's request must be in by then, and an idle one goes
+
+
+class GuardedH11(H11Protocol):
+    """uvicorn's h11 protocol times a connection out only between requests: one that
+    sends nothing, or its headers a byte at a time, holds a slot of `limit_concurrency`
+    for ever, and 512 of them shut the API out. Each request's headers get
+    HEADER_SECONDS from the connection's start or the last answer."""
+
+    header_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport):
+        super().connection_made(transport)
+        self._await_request()
+
+    def on_response_complete(self):
+        super().on_response_complete()
+        self._await_request()
+
+    def handle_events(self):
+        super().handle_events()
+        if self.header_timer is not None and self._busy():
+            self.header_timer.cancel()
+            self.header_timer = None
+
+    def connection_lost(self, exc):
+        if self.header_timer is not None:
+            self.header_timer.cancel()
+        super().connection_lost(exc)
+
+    def _busy(self) -> bool:
+        return self.cycle is not None and not self.cycle.response_complete
+
+    def _await_request(self) -> None:
+        if self.header_timer is not None:
+            self.header_timer.cancel()
+        self.header_timer = self.loop.call_later(HEADER_SECONDS, self._too_slow)
+
+    def _too_slow(self) -> None:
+        self.header_timer = None
+        if not self._busy() and not self.transport.is_closing():
+            self.transport.close()
 
 
 class Server(uvicorn.Server):
@@ -129,11 +176,13 @@ def configure(app: service.App, bind: str, cert: str | None = None, key: str | N
                           "CALLGUARD_API_TLS_KEY)")
     host, port = split_hostport(bind)
     registry = new_registry()
+    if "books" not in app.__dict__:
+        app.sql_pool = SQL_POOL
     web = create(app)
     config = uvicorn.Config(
         BodyLimit(Measured(web, registry)), host=host, port=port, loop="uvloop",
         lifespan="on", log_config=None, access_log=False, server_header=False, proxy_headers=False,
-        ssl_certfile=cert, ssl_keyfile=key, timeout_keep_alive=15,
+        ssl_certfile=cert, ssl_keyfile=key, http=GuardedH11, timeout_keep_alive=10,
         timeout_graceful_shutdown=5, limit_concurrency=512, backlog=512)
     try:
         config.load()  # reads the certificate now: a bad one is one line, not a traceback

@@ -5,6 +5,7 @@ password to stretch), and a lookup by digest never compares secrets byte by byte
 from __future__ import annotations
 
 import hashlib
+import re
 import secrets
 import threading
 import time
@@ -16,6 +17,7 @@ from ..books.ledger import Books, BooksError, check_text
 from ..books.models import SCOPES, ApiToken, utcnow
 
 PREFIX = "cg_"  # says what it is to a secret scanner, and in a config file
+SHAPE = re.compile(r"cg_[A-Za-z0-9_-]{43}")  # PREFIX and 32 random bytes, base64url
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,10 @@ def create(books: Books, name: str, scope: str, account: str | None = None
         raise BooksError(f"token name {name!r}: printable, no spaces")
     check_text(ApiToken.name, name, "token name")
     if account is not None:
+        if scope == "money":
+            raise BooksError("a token bound to an account cannot move money: top-ups and "
+                             "payments are booked with an operator's token (billing), or by "
+                             "auto top-up")
         books.get_account(account)
     token = PREFIX + secrets.token_urlsafe(32)
     with books.session.begin() as db:
@@ -83,7 +89,7 @@ class Verifier:
 
     def cached(self, token: str) -> Caller | None | bool:
         """The answer without asking SQL: a Caller, None (refused), or False (ask)."""
-        if not token.startswith(PREFIX) or len(token) > 100:
+        if not SHAPE.fullmatch(token):  # not one of ours: no digest, no lookup
             return None
         with self._lock:
             hit = self._known.get(digest(token))

@@ -190,6 +190,10 @@ class Books:
             raise BooksError(f"amount too large: the balance of {account_id} would go beyond "
                              f"{format_display(MAX_MICROS)}")
 
+    def entry_by_key(self, key: str) -> LedgerEntry | None:
+        with self.session() as db:
+            return db.scalar(select(LedgerEntry).where(LedgerEntry.idempotency_key == key))
+
     def ledger_sum(self, account_id: str) -> int:
         with self.session() as db:
             total = db.scalar(
