@@ -5,7 +5,7 @@ operator's portal and billing. Every route is a thin translation into `service` 
 Routes are plain functions: FastAPI runs them in its thread pool, where the books (SQL)
 and Redis are the same synchronous code the CLI calls. Who may: a bearer token's scope
 (read < money < admin), and for a token bound to an account, that account only and
-never what the operator decides (credit, channels, plan, blocks, adjustments)."""
+never what the operator decides (money moves, credit, channels, plan, blocks)."""
 
 
 import logging
@@ -104,9 +104,9 @@ After = Annotated[str | None, Query(description="The `next` cursor of the page b
                                     max_length=100)]
 IdempotencyKey = Annotated[str, Header(
     alias="Idempotency-Key", min_length=1, max_length=180,
-    description="The movement's reference (a bank transfer, a receipt), as the CLI's "
-                "--ref: one key is booked once on an account, for ever; the same request "
-                "again answers 200 with the same entry.")]
+    description="The movement's reference (a bank transfer, a receipt; UTF-8), as the "
+                "CLI's --ref: one key is one movement on an account, for ever, whatever its "
+                "kind; the same request again answers 200 with the same entry.")]
 
 
 def _cursor(text: str | None, parts: int) -> list[int] | None:
