@@ -181,11 +181,13 @@ def _on_mariadb_too(item) -> bool:
     return item.path.name in MARIADB_TESTS and item.callspec.params.get("redis_url") != "cluster"
 
 
-# The PBX adapters' protocol tests run on SQLite only: the books under them are the same
-# code whatever the database (their faults, the worker and the books' own tests run on
-# PostgreSQL too), and on PostgreSQL they doubled ~3 minutes of the suite.
+# The PBX adapters' protocol and fault tests, the CLI's words and the console run on
+# SQLite only: the books under them are the same code whatever the database (the worker's
+# faults, the API's and the books' own tests run on PostgreSQL too, and a test marked
+# `postgres` here still does), and on PostgreSQL they doubled ~5 minutes of the suite.
 SQLITE_ONLY = {"test_asterisk.py", "test_freeswitch.py", "test_protocol_esl.py",
-               "test_protocol_agi.py", "test_metrics.py", "test_console.py"}
+               "test_protocol_agi.py", "test_metrics.py", "test_console.py",
+               "test_asterisk_faults.py", "test_cli.py"}
 
 
 def _dropped(item) -> bool:

@@ -543,7 +543,7 @@ def test_every_answer_matches_the_document_and_none_is_a_500(api, mode):
         strategy = operation.as_strategy(schemathesis.GenerationMode(mode))
 
         @hypothesis.given(case=strategy)
-        @hypothesis.settings(max_examples=15, database=None, deadline=None,
+        @hypothesis.settings(max_examples=10, database=None, deadline=None,
                              suppress_health_check=list(hypothesis.HealthCheck))
         def check(case):
             # A request the document allows may still be refused by the books, with a 422

@@ -294,6 +294,7 @@ def test_under_fail_open_a_call_nobody_saw_end_is_charged_its_short_grant(plan):
     assert RATE.cost(int(call.talk_seconds)) <= charged(plan) <= RATE.cost(grant)
 
 
+@pytest.mark.postgres  # kept on PostgreSQL where the rest of the file runs on SQLite only
 def test_a_plan_change_while_the_books_are_away_is_loaded_once_they_are_back(plan):
     """The serve process cannot reach the database when a plan changes: it keeps the old
     rates, keeps listening (kill requests still reach it), and loads the new plan once
