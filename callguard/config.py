@@ -23,7 +23,8 @@ class Settings:
     home: Path = field(default_factory=lambda: default_home(os.environ))  # always absolute
     redis_url: str | None = None  # None: the embedded Redis under home
     database_url: str | None = None  # None: SQLite under home
-    ami_url: str | None = None
+    ami_url: str | None = None  # ami:// plain text, amis:// TLS
+    ami_tls_ca: str | None = None  # PEM: the CAs amis:// trusts instead of the system's
     esl_url: str | None = None
     agi_bind: str = "127.0.0.1:4573"
     esl_bind: str = "127.0.0.1:8084"

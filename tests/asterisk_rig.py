@@ -18,10 +18,12 @@ PREMIUM = "41901234567"  # CHF 3.00/min, 1/1 (engine_helpers.PREMIUM)
 
 @contextlib.asynccontextmanager
 async def rig(app: App, speed: float = 1.0, ami: bool = True, nodes=("node-a",), clock=None,
-              timestamp_events: bool = False, ami_timing=None, **settings):
-    """A simulated Asterisk and N `serve asterisk` adapters sharing one clock."""
+              timestamp_events: bool = False, ami_timing=None, ami_tls=None, **settings):
+    """A simulated Asterisk and N `serve asterisk` adapters sharing one clock; AMI over
+    TLS with the server context `ami_tls`."""
     clock = clock or Clock(speed)
-    sim = SimulatedAsterisk(agi_port=0, clock=clock, timestamp_events=timestamp_events)
+    sim = SimulatedAsterisk(agi_port=0, clock=clock, timestamp_events=timestamp_events,
+                            ami_tls=ami_tls)
     async with pbx_rig(app, sim, AsteriskAdapter, "ami_url" if ami else None, "agi_port",
                        nodes, clock, ami_timing, settings) as adapters:
         yield sim, adapters

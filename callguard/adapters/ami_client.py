@@ -4,6 +4,12 @@ a Ping keepalive that also reads Asterisk's clock.
 Not panoramisk's Manager: it buffers a message without bound until it sees
 `\\r\\n\\r\\n`, reconnects on a fixed timer, and re-sends actions that were
 queued while the link was down (see link.py for why callguard must not).
+
+`amis://` is AMI over TLS (manager.conf `tlsenable`, port 5039): the same bytes inside a
+TLS connection whose certificate must chain to the system's CAs or CALLGUARD_AMI_TLS_CA
+and name the URL's host. There is no client certificate: Asterisk's AMI ignores
+`tlscafile` and `tlsverifyclient` (main/manager.c refuses to read them), so the secret is
+the client's only credential and TLS keeps it, and the calls, from the wire.
 """
 
 from __future__ import annotations
@@ -14,7 +20,9 @@ from collections.abc import Awaitable, Callable
 from urllib.parse import unquote, urlsplit
 
 from ..protocol import ami
-from .link import EventLink, LinkError
+from .link import EventLink, LinkError, client_tls
+
+PORTS = {"ami": 5038, "amis": 5039}
 
 
 class AMIError(LinkError):
@@ -22,11 +30,17 @@ class AMIError(LinkError):
 
 
 def parse_ami_url(url: str) -> tuple[str, int, str, str]:
-    parts = urlsplit(url)
-    if parts.scheme != "ami" or not parts.hostname or not parts.username:
-        raise ValueError("AMI URL must look like ami://user:secret@host:5038")
+    """(host, port, user, secret); the message never repeats the URL (its secret)."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        parts = port = None
+    if parts is None or parts.scheme not in PORTS or not parts.hostname or not parts.username:
+        raise ValueError("AMI URL must look like ami://user:secret@host:5038 or, over TLS, "
+                         "amis://user:secret@host:5039")
     secret = unquote(parts.password or "")
-    return parts.hostname, parts.port or 5038, unquote(parts.username), secret
+    return parts.hostname, port or PORTS[parts.scheme], unquote(parts.username), secret
 
 
 class AMIClient(EventLink):
@@ -36,9 +50,15 @@ class AMIClient(EventLink):
     def __init__(self, url: str, on_event: Callable[[ami.AMIEvent], None],
                  on_login: Callable[[], Awaitable[None]] | None = None,
                  events: str = "call", timeout: float = 3.0, keepalive: float = 2.0,
-                 on_pong: Callable[[ami.AMIResponse], None] | None = None):
+                 on_pong: Callable[[ami.AMIResponse], None] | None = None,
+                 tls_ca: str | None = None):
         host, port, self.username, self._secret = parse_ami_url(url)
-        super().__init__(host, port, on_login, timeout, keepalive)
+        over_tls = urlsplit(url).scheme == "amis"
+        if tls_ca and not over_tls:
+            raise ValueError("CALLGUARD_AMI_TLS_CA is set but CALLGUARD_AMI_URL is ami:// "
+                             "(plain text): use amis:// for AMI over TLS")
+        tls = client_tls("CALLGUARD_AMI_TLS_CA", tls_ca) if over_tls else None
+        super().__init__(host, port, on_login, timeout, keepalive, tls)
         self.on_event = on_event
         self.on_pong = on_pong  # each Ping's reply: it carries the PBX's clock
         self.events = events

@@ -63,7 +63,8 @@ class AsteriskAdapter(PBXAdapter):
     def __init__(self, app: service.App, clock: Clock | None = None):
         s = app.settings
         self.link = self.ami = AMIClient(s.ami_url, self.on_event, self._logged_in,
-                                         on_pong=self._pong) if s.ami_url else None
+                                         on_pong=self._pong, tls_ca=s.ami_tls_ca
+                                         ) if s.ami_url else None
         self._pbx_ahead_ms: int | None = None  # Asterisk's clock minus the scripts' clock
         super().__init__(app, s.node or default_node("asterisk", split_hostport(s.agi_bind)[1]),
                          s.agi_allow, clock)

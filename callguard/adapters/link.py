@@ -7,12 +7,15 @@ keepalive every `keepalive` seconds, and any command left unanswered for
 `timeout` seconds, drops the connection (a black-holed link sends no FIN);
 whatever goes wrong in a session, the link logs it and reconnects with backoff.
 A subclass speaks its protocol: `_login`, `_read`, `_ping`, `_fail_pending`.
+With a TLS context the link speaks TLS, checking the certificate and that it names the
+host it connects to; a handshake that fails is one more link failure.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections.abc import Awaitable, Callable
 
 log = logging.getLogger(__name__)
@@ -20,6 +23,29 @@ log = logging.getLogger(__name__)
 
 class LinkError(RuntimeError):
     pass
+
+
+def client_tls(setting: str, cafile: str | None) -> ssl.SSLContext:
+    """A client context that checks the peer's certificate and host name: against the CAs
+    in `cafile` alone when given (an operator's own CA, or a self-signed certificate
+    itself), else the system's."""
+    try:
+        return ssl.create_default_context(cafile=cafile)
+    except ssl.SSLError as exc:  # before OSError: it is one
+        raise ValueError(f"{setting} {cafile}: not a PEM file of CA certificates "
+                         f"({exc.reason or exc})") from None
+    except OSError as exc:
+        raise ValueError(f"{setting} {cafile}: {exc.strerror or exc}") from None
+
+
+def why(exc: BaseException) -> str:
+    """What ended a session, in one line (an SSL error's text is OpenSSL's, with codes)."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"certificate verify failed: {(exc.verify_message or exc.reason).rstrip('.')}"
+    if isinstance(exc, ssl.SSLError):
+        reason = (exc.reason or "").replace("_", " ").lower()
+        return f"TLS handshake failed: {reason or exc}"
+    return str(exc) or type(exc).__name__
 
 
 def _task(coro) -> asyncio.Task:
@@ -35,8 +61,9 @@ class EventLink:
     error: type[LinkError] = LinkError
 
     def __init__(self, host: str, port: int, on_login: Callable[[], Awaitable[None]] | None,
-                 timeout: float, keepalive: float):
+                 timeout: float, keepalive: float, tls: ssl.SSLContext | None = None):
         self.host, self.port = host, port
+        self.tls = tls
         self.on_login = on_login
         self.timeout, self.keepalive = timeout, keepalive
         self._writer: asyncio.StreamWriter | None = None
@@ -56,7 +83,7 @@ class EventLink:
                 raise
             except Exception as exc:  # noqa: BLE001 - any failure: drop the link, come back
                 log.warning("%s %s:%s: %s; reconnecting in %.1f s", self.protocol, self.host,
-                            self.port, str(exc) or type(exc).__name__, backoff)
+                            self.port, why(exc), backoff)
                 if self.connected.is_set():
                     backoff = 0.5  # it was up: the next try comes soon
             finally:
@@ -65,13 +92,15 @@ class EventLink:
             backoff = min(backoff * 2, 30.0)
 
     async def _session(self) -> None:
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(self.host, self.port), self.timeout)
+        tls = {"ssl": self.tls, "server_hostname": self.host} if self.tls else {}
+        reader, writer = await asyncio.wait_for(  # the handshake, if any, within it too
+            asyncio.open_connection(self.host, self.port, **tls), self.timeout)
         self._writer = writer
         tasks = {_task(self._read(reader))}
         try:
             await self._login()
-            log.info("%s logged in to %s:%s", self.protocol, self.host, self.port)
+            log.info("%s logged in to %s:%s%s", self.protocol, self.host, self.port,
+                     " over TLS" if self.tls else "")
             self.logins += 1
             self.connected.set()
             tasks.add(_task(self._keepalive()))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import ssl
 import time
 from dataclasses import dataclass, field
 
@@ -88,12 +89,14 @@ def agi_unquote(args: str) -> list[str]:
 class SimulatedAsterisk:
     def __init__(self, agi_port: int, clock: Clock | None = None, username: str = "callguard",
                  secret: str = "s3cret-AMI", agi_host: str = "127.0.0.1",
-                 agi_wait: float = 10.0, timestamp_events: bool = False):
+                 agi_wait: float = 10.0, timestamp_events: bool = False,
+                 ami_tls: ssl.SSLContext | None = None):
         self.agi_host, self.agi_port = agi_host, agi_port
         self.clock = clock or Clock()
         self.username, self.secret = username, secret
         self.agi_wait = agi_wait  # a real Asterisk waits for ever; the simulation gives up
         self.timestamp_events = timestamp_events  # manager.conf [general] timestampevents
+        self.ami_tls = ami_tls  # manager.conf tlsenable: AMI only over TLS, same bytes inside
         self.blackholed = False  # AMI: nothing gets through either way, no FIN, no RST
         self.clock_skew_ms = 0  # this PBX's clock against the true one (its own timestamps)
         self.calls: dict[str, SimCall] = {}  # live channels by uniqueid
@@ -108,7 +111,8 @@ class SimulatedAsterisk:
 
     # -- AMI server ------------------------------------------------------------------
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
-        self.server = await asyncio.start_server(self._ami_session, host, port)
+        self.server = await asyncio.start_server(self._ami_session, host, port,
+                                                 ssl=self.ami_tls)
 
     @property
     def ami_port(self) -> int:
@@ -116,7 +120,8 @@ class SimulatedAsterisk:
 
     @property
     def ami_url(self) -> str:
-        return f"ami://{self.username}:{self.secret}@127.0.0.1:{self.ami_port}"
+        scheme = "amis" if self.ami_tls else "ami"
+        return f"{scheme}://{self.username}:{self.secret}@127.0.0.1:{self.ami_port}"
 
     async def stop(self) -> None:
         for call in list(self.calls.values()):
