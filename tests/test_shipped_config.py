@@ -714,6 +714,38 @@ def test_the_secret_is_a_placeholder_that_says_so(user):
     assert re.search(r";.*CHANGE THIS", text), "a comment must tell the admin to change it"
 
 
+# The [general] keys main/manager.c reads (__init_manager and ast_tls_read_conf); it skips
+# tlscafile, tlscapath, tlscadir, tlsverifyclient, tlsdontverifyserver and tls/sslclientmethod
+# for AMI (it checks no client certificate), so an example offering them would mislead.
+MANAGER_GENERAL = {
+    "enabled", "webenabled", "port", "bindaddr", "brokeneventsaction", "allowmultiplelogin",
+    "displayconnects", "timestampevents", "debug", "httptimeout", "authtimeout", "authlimit",
+    "channelvars", "tlsenable", "sslenable", "tlsbindaddr", "sslbindaddr", "tlscertfile",
+    "sslcert", "tlscert", "tlsprivatekey", "sslprivatekey", "tlscipher", "sslcipher",
+}
+
+
+def test_the_general_example_shows_plain_text_on_loopback_and_tls():
+    """The commented [general] lines an admin copies: plain AMI on loopback, AMI over TLS
+    with a certificate and key, and only keys Asterisk reads there."""
+    text = MANAGER.read_text()
+    start = text.index(";   [general]\n")
+    block = []
+    for line in text[start:].splitlines():
+        if not line.startswith(";   "):
+            break
+        block.append(line[1:])
+    [general] = parse_conf("\n".join(block)).get("general")
+    keys = {k.lower() for k, _, _ in general.entries}
+    assert keys <= MANAGER_GENERAL, keys - MANAGER_GENERAL
+    values = {k.lower(): v for k, v, _ in general.entries}
+    assert ipaddress.ip_address(values["bindaddr"]).is_loopback  # the plain-text port
+    assert values["tlsenable"] == "yes"
+    assert {"tlsbindaddr", "tlscertfile", "tlsprivatekey"} <= keys
+    assert values["tlsbindaddr"].endswith(":5039")  # amis:// without a port: 5039
+    assert "amis://callguard:" in text and "CALLGUARD_AMI_TLS_CA" in text
+
+
 def ami_events() -> list[str]:
     """Every event's raw text from the recorded AMI sessions (without the blank line)."""
     events = []
