@@ -28,7 +28,8 @@ def serve():
 def serve_asterisk(ctx):
     """FastAGI server for the dialplan's authorize, AMI client for supervision.
 
-    Needs CALLGUARD_AMI_URL (ami://user:secret@host:5038) to supervise calls.
+    Needs CALLGUARD_AMI_URL (ami://user:secret@host:5038, or amis://...:5039 for AMI over
+    TLS, with CALLGUARD_AMI_TLS_CA for a CA of your own) to supervise calls.
 
     \b
     Example:
