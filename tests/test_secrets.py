@@ -249,6 +249,7 @@ def test_a_token_the_cli_makes_with_the_pepper_opens_the_api_that_has_it(app, tm
            "CALLGUARD_API_TOKEN_PEPPER_FILE": pepper_file}
     made = CliRunner().invoke(cli, ["api", "token", "create", "--scope", "read", "--name",
                                     "ops"], env=env, catch_exceptions=False)
+    assert made.exit_code == 0, made.output
     token = made.stdout.strip()
     with_pepper = App(load_settings(env=env))
     without = App(load_settings(env={**env, "CALLGUARD_API_TOKEN_PEPPER_FILE": ""}))
