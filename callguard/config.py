@@ -8,33 +8,44 @@ import re
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,63}")
 POLICIES = ("fail_closed", "fail_open")
+# The settings that carry a secret (a password in a URL, a key). Each can also be read from
+# a file, CALLGUARD_<NAME>_FILE, or a systemd credential named <name> (LoadCredential=).
+SECRETS = ("redis_url", "database_url", "ami_url", "esl_url", "smtp_url", "webhook_url",
+           "webhook_secret", "payment_url", "api_token_pepper")
+SECRET_FILE_MAX = 65536  # bytes: a secret, not a data file
+PEPPER_MIN = 32  # characters: `openssl rand -base64 32` gives 44
 
 
 class ConfigError(ValueError):
     pass
 
 
+def _secret(default=None):
+    return field(default=default, repr=False)  # a repr() in a log or traceback shows none
+
+
 @dataclass(frozen=True)
 class Settings:
     home: Path = field(default_factory=lambda: default_home(os.environ))  # always absolute
-    redis_url: str | None = None  # None: the embedded Redis under home
-    database_url: str | None = None  # None: SQLite under home
-    ami_url: str | None = None  # ami:// plain text, amis:// TLS
+    redis_url: str | None = _secret()  # None: the embedded Redis under home
+    database_url: str | None = _secret()  # None: SQLite under home
+    ami_url: str | None = _secret()  # ami:// plain text, amis:// TLS
     ami_tls_ca: str | None = None  # PEM: the CAs amis:// trusts instead of the system's
-    esl_url: str | None = None
+    esl_url: str | None = _secret()
     agi_bind: str = "127.0.0.1:4573"
     esl_bind: str = "127.0.0.1:8084"
     quota_seconds: int = 60
     failure_policy: str = "fail_closed"
-    smtp_url: str | None = None
+    smtp_url: str | None = _secret()
     mail_from: str | None = None
-    webhook_url: str | None = None
-    webhook_secret: str | None = None
-    payment_url: str | None = None
+    webhook_url: str | None = _secret()
+    webhook_secret: str | None = _secret()
+    payment_url: str | None = _secret()
+    api_token_pepper: str | None = _secret()  # API token digests: HMAC-SHA256 with it
     http_bind: str | None = None  # None: per process (health.DEFAULT_BIND); "off": none
     api_bind: str = "127.0.0.1:8080"  # `callguard api`
     api_tls_cert: str | None = None  # PEM files: the API speaks HTTPS with both
@@ -72,6 +83,9 @@ class Settings:
         for name in ("webhook_url", "payment_url"):
             if getattr(self, name):
                 check_http_url(f"CALLGUARD_{name.upper()}", getattr(self, name))
+        for name in ("redis_url", "ami_url", "esl_url"):
+            if getattr(self, name):
+                check_url(f"CALLGUARD_{name.upper()}", getattr(self, name))
         if self.smtp_url:
             from .notify import parse_smtp_url  # the worker's: only when mail is configured
 
@@ -79,6 +93,9 @@ class Settings:
                 parse_smtp_url(self.smtp_url)
             except ValueError as exc:
                 raise ConfigError(str(exc)) from None
+        if self.api_token_pepper is not None and len(self.api_token_pepper) < PEPPER_MIN:
+            raise ConfigError(f"the API token pepper must be at least {PEPPER_MIN} characters "
+                              "(openssl rand -base64 32)")
         return self
 
 
@@ -143,6 +160,7 @@ def load_settings(config_file: str | None = None, env=None, **overrides) -> Sett
         try:
             with open(path, "rb") as fh:
                 data = tomllib.load(fh)
+                mode = os.fstat(fh.fileno())
         except OSError as exc:
             raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
         except tomllib.TOMLDecodeError as exc:
@@ -151,10 +169,18 @@ def load_settings(config_file: str | None = None, env=None, **overrides) -> Sett
         unknown = set(data) - set(_ENV)
         if unknown:
             raise ConfigError(f"unknown setting(s) in {path}: {', '.join(sorted(unknown))}")
+        if set(data) & set(SECRETS):
+            _warn_if_exposed(f"config file {path}", path, mode)
         values.update(data)
     for name, var in _ENV.items():
         if env.get(var):
             values[name] = env[var]
+    for name in SECRETS:
+        found = _secret_sources(name, env)
+        if len(found) > 1:
+            raise ConfigError(f"{' and '.join(found)} both set {name}: keep one")
+        for source, path in found.items():
+            values[name] = env[_ENV[name]] if path is None else read_secret(source, path)
     values.update({k: v for k, v in overrides.items() if v is not None})
     if "home" not in values:
         values["home"] = default_home(env)
@@ -163,11 +189,97 @@ def load_settings(config_file: str | None = None, env=None, **overrides) -> Sett
     return settings.validate()
 
 
+def _secret_sources(name: str, env) -> dict[str, str | None]:
+    """Where the environment gives secret setting `name`: the source's name for the
+    operator -> the file that holds it (None: the variable itself)."""
+    var = _ENV[name]
+    found: dict[str, str | None] = {}
+    if env.get(var):
+        found[var] = None
+    if env.get(var + "_FILE"):
+        found[var + "_FILE"] = env[var + "_FILE"]
+    credentials = env.get("CREDENTIALS_DIRECTORY")
+    if credentials and os.path.lexists(os.path.join(credentials, name)):
+        found[f"the systemd credential {name}"] = os.path.join(credentials, name)
+    return found
+
+
+_WARNED: set[str] = set()  # files already warned about, once per process
+
+
+def read_secret(source: str, path: str) -> str:
+    """The secret in a file, without one trailing newline; a ConfigError that names the
+    file, never its content. A file that others may read is used, with a warning (once)."""
+    what = f"{source} ({path})"
+    try:
+        with open(path, "rb") as fh:
+            mode = os.fstat(fh.fileno())
+            data = fh.read(SECRET_FILE_MAX + 1)
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what}: {exc.strerror}") from None
+    if len(data) > SECRET_FILE_MAX:
+        raise ConfigError(f"{what} is larger than {SECRET_FILE_MAX} bytes: not a secret")
+    try:
+        text = data.decode()
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what} is not UTF-8 text") from None
+    text = text.removesuffix("\n").removesuffix("\r")
+    if not text:
+        raise ConfigError(f"{what} is empty")
+    if "\n" in text:
+        raise ConfigError(f"{what} holds more than one line")
+    _warn_if_exposed(what, path, mode)
+    return text
+
+
+def _warn_if_exposed(what: str, path: str, st: os.stat_result) -> None:
+    """libpq's rule for its key files: 0600, or 0640 when root owns it (a group, e.g.
+    callguard, may read what root keeps). Once a file per process."""
+    if st.st_mode & (0o037 if st.st_uid == 0 else 0o077) and path not in _WARNED:
+        _WARNED.add(path)
+        logging.getLogger(__name__).warning(
+            "%s holds a secret and other users can read it (mode %04o): chmod 0600 it, or "
+            "0640 owned by root", what, st.st_mode & 0o7777)
+
+
+def carries_password(url: str | None) -> bool:
+    """A URL with a password in it (user:PASSWORD@ or ?password=)."""
+    try:
+        parts = urlsplit(url or "")
+        return bool(parts.password or parse_qs(parts.query).get("password"))
+    except ValueError:
+        return bool(url)  # not even a URL: take it for one that may hold a secret
+
+
+def forget_secret_environment(env=None) -> None:
+    """Drop the secrets' environment variables once read, so a process this one starts
+    (the embedded redis-server) does not inherit them. /proc/PID/environ still shows the
+    environment this process was started with: use the _FILE variables or credentials."""
+    env = os.environ if env is None else env
+    for name in SECRETS:
+        env.pop(_ENV[name], None)
+
+
 def split_hostport(text: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ConfigError(f"expected HOST:PORT, not {text!r}")
     return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def check_url(name: str, url: str) -> None:
+    """A URL that splits into its parts. Checked here because its client's own error would
+    quote a part of it: a password with a / in it is taken for the host, the rest for the
+    port ("Port could not be cast to integer value as 'pass'")."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises for a bad port
+        ok = bool(parts.scheme)
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ConfigError(f"{name} is not a valid URL (in a password, write / # ? @ % as "
+                          "%2F %23 %3F %40 %25)")
 
 
 def check_http_url(name: str, url: str) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from callguard.config import load_settings, split_hostport
+from callguard.config import SECRETS, load_settings, split_hostport
 
 ROOT = Path(__file__).resolve().parents[1]
 SYSTEMD = ROOT / "contrib" / "systemd"
@@ -31,6 +31,24 @@ HTTP_PORTS = {"callguard-asterisk.service": 9464, "callguard-worker.service": 94
 INSTANCES = ("4574", "4575", "9999")
 PER_PROCESS = {"CALLGUARD_HTTP_BIND", "CALLGUARD_AGI_BIND", "CALLGUARD_ESL_BIND",
                "CALLGUARD_NODE"}
+# unit file -> the secrets it is given, beyond Redis and the books: what it uses, no more
+CREDENTIALS = {"callguard-asterisk.service": {"ami_url"},
+               "callguard-asterisk@.service": {"ami_url"},
+               "callguard-freeswitch.service": {"esl_url"},
+               "callguard-worker.service": {"smtp_url", "webhook_url", "webhook_secret",
+                                            "payment_url"},
+               # auto top-up needs a provider; a notice's state needs to know its channels
+               "callguard-api.service": {"api_token_pepper", "payment_url", "smtp_url",
+                                         "webhook_url"}}
+EXAMPLE_SECRETS = {
+    "redis_url": "redis://callguard:pw@127.0.0.1:6379/0",
+    "database_url": "postgresql+psycopg://callguard:pw@127.0.0.1:5432/callguard",
+    "ami_url": "ami://callguard:pw@127.0.0.1:5038", "esl_url": "esl://:pw@127.0.0.1:8021",
+    "smtp_url": "smtp://cg:pw@mail.example.net:587?starttls=1",
+    "webhook_url": "https://billing.example.net/callguard", "webhook_secret": "pw",
+    "payment_url": "https://cg:pw@payments.example.net/charge",
+    "api_token_pepper": "a" * 44,
+}
 
 
 def parse_unit(text: str) -> dict[str, dict[str, list[str]]]:
@@ -220,22 +238,51 @@ def test_template_instances_listen_on_the_port_they_are_named_after(all_units):
 def test_example_settings_file_shares_only_what_processes_may_share():
     shared = env_file(SYSTEMD / "callguard.env")
     assert not set(shared) & PER_PROCESS, "it would override every unit's own"
-    for key in ("CALLGUARD_HOME", "CALLGUARD_DATABASE_URL", "CALLGUARD_REDIS_URL",
-                "CALLGUARD_AMI_URL", "CALLGUARD_ESL_URL"):
-        assert key in shared, key
-    assert shared["CALLGUARD_HOME"] == "/var/lib/callguard"
+    assert shared == {"CALLGUARD_HOME": "/var/lib/callguard"}, "the rest is commented out"
     text = (SYSTEMD / "callguard.env").read_text(encoding="utf-8")
     for name, port in HTTP_PORTS.items():
         assert re.search(rf"{name.removesuffix('.service')}\s+127\.0\.0\.1:{port}\b", text)
+    for name in SECRETS:  # each secret's file is named, none is set in the environment
+        assert f"\n#   {name} " in text, name
+        assert f"\nCALLGUARD_{name.upper()}" not in text, name
+
+
+def credentials(unit: dict) -> dict[str, str]:
+    """LoadCredential=ID:SOURCE -> {ID: SOURCE}."""
+    pairs = [v.partition(":") for v in unit["Service"].get("LoadCredential", [])]
+    assert all(sep for _, sep, _ in pairs)
+    return {name: source for name, _, source in pairs}
 
 
 @pytest.mark.parametrize("name", sorted(PROCESSES))
-def test_each_unit_loads_with_the_example_settings(all_units, name):
-    env = {**environment(all_units[name], "4574"), **env_file(SYSTEMD / "callguard.env")}
+def test_each_unit_gets_its_secrets_as_credentials_it_may_start_without(all_units, name):
+    given = credentials(all_units[name])
+    assert set(given) == {"redis_url", "database_url"} | CREDENTIALS[name]
+    for secret, source in given.items():
+        # A name, not a path: systemd (252 too) looks for it in /etc/credstore/ and
+        # skips it when it is not there; a missing absolute path stops the unit.
+        assert source == f"callguard.{secret}" and "/" not in source
+    for value in all_units[name]["Service"].get("Environment", []):
+        assert not any(f"CALLGUARD_{s.upper()}=" in value for s in SECRETS), value
+
+
+@pytest.mark.parametrize("name", sorted(PROCESSES))
+def test_each_unit_loads_with_the_example_settings(all_units, name, tmp_path):
+    """As systemd starts it: its Environment=, the shared file and its credentials."""
+    store = tmp_path / "credentials"
+    store.mkdir()
+    for secret in credentials(all_units[name]):
+        (store / secret).write_text(EXAMPLE_SECRETS[secret])
+        (store / secret).chmod(0o400)
+    env = {**environment(all_units[name], "4574"), **env_file(SYSTEMD / "callguard.env"),
+           "CREDENTIALS_DIRECTORY": str(store)}
     settings = load_settings(env=env)
     assert str(settings.home) == "/var/lib/callguard"
     assert settings.redis_url, "the units need a Redis of their own (README.md)"
     assert settings.http_bind == http_binds(all_units)[name.replace("@", "@4574")]
+    for secret in SECRETS:
+        expected = EXAMPLE_SECRETS[secret] if secret in credentials(all_units[name]) else None
+        assert getattr(settings, secret) == expected, secret
 
 
 def test_readme_names_every_file_and_the_install_steps():
@@ -244,7 +291,8 @@ def test_readme_names_every_file_and_the_install_steps():
         if path.name != "README.md":
             assert f"`{path.name}`" in readme, path.name
     for step in ("useradd --system", "/opt/callguard", "-m 0600", "systemctl enable --now",
-                 "journalctl -u", "callguard db upgrade", "READY=1"):
+                 "journalctl -u", "callguard db upgrade", "READY=1", "/etc/credstore/callguard.",
+                 "LoadCredential="):
         assert step in readme, step
 
 

@@ -400,7 +400,7 @@ def create(app: service.App, console: bool = True) -> FastAPI:
                   description="Live credit control: accounts, money and calls. Money is a "
                               "decimal string, times ISO 8601 UTC, errors RFC 9457 "
                               "problem details.")
-    web.state.verify = Verifier(app.books)
+    web.state.verify = Verifier(app.books, pepper=app.settings.api_token_pepper)
     install(web)
     web.include_router(routes(app))
     web.openapi = lambda: _problem_media_type(web)

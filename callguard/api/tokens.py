@@ -1,10 +1,19 @@
 """Bearer tokens of the HTTP API: made by the operator (`callguard api token create`), kept
-as SHA-256 digests, revocable. A token is 256 random bits: a fast digest is enough (no
-password to stretch), and a lookup by digest never compares secrets byte by byte."""
+as digests, revocable. A token is 256 random bits: a fast digest is enough (no password to
+stretch), and a lookup by digest never compares secrets byte by byte.
+
+The digest is SHA-256, or HMAC-SHA256 keyed with the pepper (CALLGUARD_API_TOKEN_PEPPER)
+when one is set: then whoever can write to the books' api_tokens table (a leaked database
+password) still cannot make a token of their own, and a copy of the table is no use
+without the pepper. With a pepper only peppered digests verify: a token made without it,
+or with another pepper, is refused and must be made again (accepting the plain digest too
+would give that writer their way in back)."""
 
 from __future__ import annotations
 
 import hashlib
+import hmac
+import logging
 import re
 import secrets
 import threading
@@ -15,6 +24,8 @@ from sqlalchemy import select
 
 from ..books.ledger import Books, BooksError, check_text
 from ..books.models import SCOPES, ApiToken, utcnow
+
+log = logging.getLogger(__name__)
 
 PREFIX = "cg_"  # says what it is to a secret scanner, and in a config file
 SHAPE = re.compile(r"cg_[A-Za-z0-9_-]{43}")  # PREFIX and 32 random bytes, base64url
@@ -35,12 +46,16 @@ class Caller:
         return self.account is None or self.account == account
 
 
-def digest(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
+def digest(token: str, pepper: str | None = None) -> str:
+    """What the books keep of a token: the one function `token create` and the API's
+    verifier both use."""
+    if pepper is None:
+        return hashlib.sha256(token.encode()).hexdigest()
+    return hmac.new(pepper.encode(), token.encode(), hashlib.sha256).hexdigest()
 
 
-def create(books: Books, name: str, scope: str, account: str | None = None
-           ) -> tuple[ApiToken, str]:
+def create(books: Books, name: str, scope: str, account: str | None = None,
+           pepper: str | None = None) -> tuple[ApiToken, str]:
     """A new token; the token itself is returned once and never kept."""
     if scope not in SCOPES:
         raise BooksError(f"scope must be one of {', '.join(SCOPES)}, not {scope!r}")
@@ -57,7 +72,7 @@ def create(books: Books, name: str, scope: str, account: str | None = None
     with books.session.begin() as db:
         if db.scalar(select(ApiToken).where(ApiToken.name == name)) is not None:
             raise BooksError(f"a token named {name} exists already (revoke it first)")
-        row = ApiToken(name=name, scope=scope, account=account, digest=digest(token))
+        row = ApiToken(name=name, scope=scope, account=account, digest=digest(token, pepper))
         db.add(row)
     return row, token
 
@@ -82,28 +97,38 @@ class Verifier:
     effect within that, and a busy API does not ask SQL on every request. Unknown tokens
     are not kept (a flood of made-up ones must not grow the cache)."""
 
-    def __init__(self, books: Books, ttl: float = 2.0, size: int = 1024):
-        self.books, self.ttl, self.size = books, ttl, size
+    def __init__(self, books: Books, ttl: float = 2.0, size: int = 1024,
+                 pepper: str | None = None):
+        self.books, self.ttl, self.size, self.pepper = books, ttl, size, pepper
         self._known: dict[str, tuple[float, Caller | None]] = {}
         self._lock = threading.Lock()
+        self._unpeppered: set[str] = set()  # tokens already warned about
 
     def cached(self, token: str) -> Caller | None | bool:
         """The answer without asking SQL: a Caller, None (refused), or False (ask)."""
         if not SHAPE.fullmatch(token):  # not one of ours: no digest, no lookup
             return None
         with self._lock:
-            hit = self._known.get(digest(token))
+            hit = self._known.get(digest(token, self.pepper))
         return hit[1] if hit and hit[0] > time.monotonic() else False
 
     def __call__(self, token: str) -> Caller | None:
         found = self.cached(token)
         if found is not False:
             return found
-        key = digest(token)
+        key = digest(token, self.pepper)
+        # With a pepper, the same query also finds a token made before it (refused).
+        keys = [key] if self.pepper is None else [key, digest(token)]
         now = time.monotonic()
         with self.books.session() as db:
-            row = db.scalar(select(ApiToken).where(ApiToken.digest == key))
+            row = db.scalar(select(ApiToken).where(ApiToken.digest.in_(keys)))
         if row is None:
+            return None
+        if row.digest != key:
+            if row.name not in self._unpeppered:
+                self._unpeppered.add(row.name)
+                log.warning("API token %s was made without the API token pepper: refused; "
+                            "revoke it and make it again", row.name)
             return None
         caller = None if row.revoked_at else Caller(row.name, row.scope, row.account)
         with self._lock:

@@ -94,7 +94,9 @@ def token_create(ctx, name, scope, account_id):
     Example:
       callguard api token create --scope money --name billing > billing.token
     """
-    row, secret = tokens.create(app_of(ctx).books, name, scope, account_id)
+    app = app_of(ctx)
+    row, secret = tokens.create(app.books, name, scope, account_id,
+                                pepper=app.settings.api_token_pepper)
     click.echo(secret)
     click.echo(f"callguard: token {row.name} ({row.scope}"
                f"{', account ' + row.account if row.account else ''}) made; it is shown this "

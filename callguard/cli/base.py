@@ -11,7 +11,7 @@ import click
 
 from .. import service
 from ..books.database import upgrade
-from ..config import ConfigError, load_settings
+from ..config import ConfigError, carries_password, forget_secret_environment, load_settings
 from ..logs import JsonFormatter
 from ..money import AmountError, parse_amount
 from ..refusals import explain
@@ -77,8 +77,10 @@ def report(applied: service.Applied, done: str) -> None:
 @click.option("--home", help="State directory (CALLGUARD_HOME; default "
               "$XDG_DATA_HOME/callguard, i.e. ~/.local/share/callguard; "
               "/var/lib/callguard for a service).")
-@click.option("--redis-url", help="Redis URL (CALLGUARD_REDIS_URL); default: embedded Redis.")
-@click.option("--database-url", help="SQLAlchemy URL (CALLGUARD_DATABASE_URL); default: SQLite.")
+@click.option("--redis-url", help="Redis URL (CALLGUARD_REDIS_URL); default: embedded Redis. "
+              "Other users see options in ps: a password goes in CALLGUARD_REDIS_URL_FILE.")
+@click.option("--database-url", help="SQLAlchemy URL (CALLGUARD_DATABASE_URL); default: SQLite. "
+              "A password goes in CALLGUARD_DATABASE_URL_FILE.")
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text",
               show_default=True, envvar="CALLGUARD_LOG_FORMAT",
@@ -101,11 +103,17 @@ def cli(ctx, config_file, home, redis_url, database_url, verbose, log_format):
     else:
         logging.basicConfig(level=level,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for option, value in (("--redis-url", redis_url), ("--database-url", database_url)):
+        if carries_password(value):
+            name = "CALLGUARD_" + option[2:].replace("-", "_").upper()
+            log.warning("%s is visible to other users in ps; use %s_FILE or a systemd "
+                        "credential", option, name)
     try:
         settings = load_settings(config_file, home=home, redis_url=redis_url,
                                  database_url=database_url)
     except ConfigError as exc:
         raise Refused(str(exc)) from None
+    forget_secret_environment()
     ctx.obj = service.App(settings, one_shot=True)  # serve and worker say otherwise
     ctx.call_on_close(ctx.obj.close)
 

@@ -29,11 +29,12 @@ def serve_asterisk(ctx):
     """FastAGI server for the dialplan's authorize, AMI client for supervision.
 
     Needs CALLGUARD_AMI_URL (ami://user:secret@host:5038, or amis://...:5039 for AMI over
-    TLS, with CALLGUARD_AMI_TLS_CA for a CA of your own) to supervise calls.
+    TLS, with CALLGUARD_AMI_TLS_CA for a CA of your own) to supervise calls, or
+    CALLGUARD_AMI_URL_FILE naming a file that holds it.
 
     \b
     Example:
-      CALLGUARD_AMI_URL=ami://callguard:secret@127.0.0.1:5038 callguard serve asterisk
+      CALLGUARD_AMI_URL_FILE=/etc/credstore/callguard.ami_url callguard serve asterisk
     """
     from ..adapters.asterisk import AsteriskAdapter
 
@@ -46,11 +47,12 @@ def serve_asterisk(ctx):
 def serve_freeswitch(ctx):
     """Outbound ESL server for the dialplan's `socket`, inbound ESL client for supervision.
 
-    Needs CALLGUARD_ESL_URL (esl://:password@host:8021) to supervise calls.
+    Needs CALLGUARD_ESL_URL (esl://:password@host:8021) to supervise calls, or
+    CALLGUARD_ESL_URL_FILE naming a file that holds it.
 
     \b
     Example:
-      CALLGUARD_ESL_URL=esl://:secret@127.0.0.1:8021 callguard serve freeswitch
+      CALLGUARD_ESL_URL_FILE=/etc/credstore/callguard.esl_url callguard serve freeswitch
     """
     from ..adapters.freeswitch import FreeSWITCHAdapter
 

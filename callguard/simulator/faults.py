@@ -11,6 +11,7 @@ import subprocess
 import threading
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 import redis
 
@@ -37,9 +38,13 @@ def bindable(port: int) -> bool:
         return True
 
 
-def answers(host: str, port: int) -> bool:
+def answers(host: str, port: int, password: str | None = None) -> bool:
     try:
         with socket.create_connection((host, port), timeout=0.3) as s:
+            if password:
+                s.sendall(b"AUTH %s\r\n" % password.encode())
+                if not s.recv(5).startswith(b"+OK"):
+                    return False
             s.sendall(b"PING\r\n")
             return s.recv(7).startswith(b"+PONG")
     except OSError:
@@ -48,29 +53,40 @@ def answers(host: str, port: int) -> bool:
 
 class RedisServer:
     """A redis-server of our own on loopback, with its data (AOF, fsync always) in `home`:
-    a SIGKILL loses nothing it acknowledged."""
+    a SIGKILL loses nothing it acknowledged. `password`: it requires one (given in a file
+    of its own, not on its command line)."""
 
-    def __init__(self, home: Path):
+    def __init__(self, home: Path, password: str | None = None):
         self.home = home
+        self.password = password
         self.port = free_port()
         self.binary = shutil.which("redis-server") or redis_binary()
         self.proc: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f":{quote(self.password, safe='')}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def client(self) -> redis.Redis:
-        return redis.Redis(port=self.port, decode_responses=True, socket_timeout=5)
+        return redis.Redis(port=self.port, password=self.password, decode_responses=True,
+                           socket_timeout=5)
 
     def start(self) -> RedisServer:
         self.home.mkdir(parents=True, exist_ok=True)
+        config = []
+        if self.password:
+            conf = self.home / "auth.conf"
+            conf.touch(mode=0o600)
+            conf.write_text(f'requirepass "{self.password}"\n')
+            config = [str(conf)]
         self.proc = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.home),
-             "--appendonly", "yes", "--appendfsync", "always", "--save", ""],
+            [self.binary, *config, "--port", str(self.port), "--bind", "127.0.0.1",
+             "--dir", str(self.home), "--appendonly", "yes", "--appendfsync", "always",
+             "--save", ""],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
-        while not answers("127.0.0.1", self.port):
+        while not answers("127.0.0.1", self.port, self.password):
             if time.monotonic() > deadline or self.proc.poll() is not None:
                 raise RuntimeError("private redis-server did not start")
             time.sleep(0.02)
