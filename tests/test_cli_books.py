@@ -124,18 +124,18 @@ def test_every_operator_action_says_who_did_it_and_why(app, run, monkeypatch):
     ok(run("account", "payment", OTHER, "20", "--reason", "invoice 11"))
     ok(run("account", "set", ACCT, "--max-channels", "4", "--warn-below", "5", "--reason",
            "customer asked"))
-    ok(run("account", "block", ACCT, "--reason", "chargeback"))
-    shown = json.loads(ok(run("account", "show", ACCT, "--json")))
-    assert (shown["blocked_by"]["actor"], shown["blocked_by"]["reason"]) == (sudo, "chargeback")
-    assert f"blocked (chargeback) by {sudo} at 20" in ok(run("account", "show", ACCT))
-    ok(run("account", "unblock", ACCT, "--reason", "paid"))
     setup_plan(app)
     call = app.engine.authorize(ACCT, "41901234567", "outbound", "1795236355.1310")
+    ok(run("account", "block", ACCT, "--reason", "chargeback"))
     listener = redis.Redis.from_url(app.redis_url).pubsub()  # a serve process stands in
     listener.subscribe(app.keys.kill_channel)
     listener.get_message(timeout=5)
     ok(run("calls", "kill", call.session, "--reason", "stuck"))
     listener.close()
+    shown = json.loads(ok(run("account", "show", ACCT, "--json")))  # the block, not the kill
+    assert (shown["blocked_by"]["actor"], shown["blocked_by"]["reason"]) == (sudo, "chargeback")
+    assert f"blocked (chargeback) by {sudo} at 20" in ok(run("account", "show", ACCT))
+    ok(run("account", "unblock", ACCT, "--reason", "paid"))
 
     ledger = json.loads(ok(run("account", "ledger", ACCT, "--json")))
     assert [(e["kind"], e["actor"], e["reason"]) for e in ledger] == [
@@ -148,11 +148,11 @@ def test_every_operator_action_says_who_did_it_and_why(app, run, monkeypatch):
     actions = json.loads(ok(run("account", "actions", ACCT, "--json")))
     assert [(a["action"], a["actor"], a["reason"]) for a in actions] == [
         ("create", me, None), ("change", sudo, "customer asked"), ("block", sudo, "chargeback"),
-        ("unblock", sudo, "paid"), ("kill", sudo, "stuck")]
+        ("kill", sudo, "stuck"), ("unblock", sudo, "paid")]
     assert actions[1]["changes"] == {"max_channels": {"old": 10, "new": 4},
                                      "warn_below": {"old": None, "new": "5.000000"}}
     assert actions[2]["changes"]["status"] == {"old": "active", "new": "blocked"}
-    assert actions[-1]["session"] == call.session
+    assert actions[3]["session"] == call.session
     shown = json.loads(ok(run("account", "show", ACCT, "--json")))
     assert shown["recent_actions"] == actions[::-1] and shown["blocked_by"] is None
     text = ok(run("account", "show", ACCT))
