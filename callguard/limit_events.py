@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from sqlalchemy.orm import Session
 
+from .books import actors
+from .books.ledger import record_action, setting_changes
 from .books.models import Account, RedisOutbox, as_utc
 from .books.notices import add_notice
 from .engine import state
@@ -72,9 +74,12 @@ def book(db: Session, events: list[tuple[str, dict]]) -> set[str]:
             if row.on_fraud == "block" and not _unblocked_since(row, entry_id):
                 if row.status != "blocked":
                     # The engine blocked it in Redis already: the books follow.
-                    row.status = "blocked"
-                    row.block_reason = f"fraud suspected: {why}"[:200]
+                    block = {"status": "blocked", "block_reason": f"fraud suspected: {why}"[:200]}
+                    before = {name: getattr(row, name) for name in block}
+                    row.status, row.block_reason = block["status"], block["block_reason"]
                     db.add(RedisOutbox(account=account))
+                    record_action(db, account, "block", actors.FRAUD, row.block_reason,
+                                  changes=setting_changes(before, block))
                     add_notice(db, f"blocked:{account}:{entry_id}", row, "blocked",
                                reason=row.block_reason, **money_facts(row, fields))
                 hang_up.add(account)  # again on a replay: a crash may have come before it

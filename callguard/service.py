@@ -18,7 +18,7 @@ from sqlalchemy import delete, update
 
 from . import nodes
 from .books.database import make_engine
-from .books.ledger import Booking, Books, BooksError
+from .books.ledger import Booking, Books, BooksError, record_action
 from .books.models import Account, RedisOutbox, utcnow
 from .config import Settings
 from .engine import state
@@ -164,21 +164,25 @@ def apply_now(app: App, account: str) -> Applied:
 
 # -- accounts ---------------------------------------------------------------
 
+# Who acts (`actor`): None is this process's operator (books.actors.local: the CLI's); the
+# HTTP API and callguard's automatic actions say who they are.
+
 def create_account(app: App, account_id: str, opening_balance: int = 0,
-                   **values) -> tuple[Account, Applied]:
+                   actor: str | None = None, **values) -> tuple[Account, Applied]:
     plan = values.get("plan") or "default"
     if plan != "default" and not app.books.plan_exists(plan):
         raise BooksError(f"unknown rate plan {plan}")
     check_auto_topup(Account(id=account_id, kind=values.get("kind")), values,
                      app.settings.payment_url)
-    row = app.books.create_account(account_id, opening_balance, **values)
+    row = app.books.create_account(account_id, opening_balance, actor=actor, **values)
     return row, apply_now(app, account_id)
 
 
-def update_account(app: App, account_id: str, block=(), unblock=(),
-                   **changes) -> tuple[Account, Applied]:
-    """Change settings; `block`/`unblock`: destination prefixes added to or taken from the
-    account's own blocked list."""
+def update_account(app: App, account_id: str, block=(), unblock=(), *,
+                   actor: str | None = None, reason: str | None = None,
+                   action: str = "change", **changes) -> tuple[Account, Applied]:
+    """Change settings, recorded as `actor`'s `action` with its `reason`; `block`/`unblock`:
+    destination prefixes added to or taken from the account's own blocked list."""
     plan = changes.get("plan")
     if plan and plan != "default" and not app.books.plan_exists(plan):
         raise BooksError(f"unknown rate plan {plan}")
@@ -190,25 +194,30 @@ def update_account(app: App, account_id: str, block=(), unblock=(),
     if changes.get("status") == "active":
         changes.setdefault("unblocked_at", utcnow())  # lifts an engine fraud block too
     check_auto_topup(row, changes, app.settings.payment_url)
-    row = app.books.update_account(account_id, **changes)
+    row = app.books.update_account(account_id, actor=actor, action=action, reason=reason,
+                                   **changes)
     return row, apply_now(app, account_id)
 
 
-def block_account(app: App, account_id: str, reason: str, hangup: bool = False
-                  ) -> tuple[Account, Applied, int | None]:
-    """Block both ways; with `hangup`, end its calls in progress too. The count of calls
-    hung up is None when Redis is away: they go on until Redis has the block."""
-    row, applied = update_account(app, account_id, status="blocked", block_reason=reason)
+def block_account(app: App, account_id: str, reason: str, hangup: bool = False,
+                  actor: str | None = None) -> tuple[Account, Applied, int | None]:
+    """Block both ways; with `hangup`, end its calls in progress too (each kill recorded
+    with the block's reason). The count of calls hung up is None when Redis is away: they
+    go on until Redis has the block."""
+    row, applied = update_account(app, account_id, actor=actor, reason=reason, action="block",
+                                  status="blocked", block_reason=reason)
     hung_up = None
     if applied.in_redis:
         sessions = [s["session"] for s in live_sessions(app, account_id)] if hangup else []
-        kill(app, sessions)
+        kill(app, sessions, actor, reason)
         hung_up = len(sessions)
     return row, applied, hung_up
 
 
-def unblock_account(app: App, account_id: str) -> tuple[Account, Applied]:
-    return update_account(app, account_id, status="active", block_reason=None)
+def unblock_account(app: App, account_id: str, actor: str | None = None,
+                    reason: str | None = None) -> tuple[Account, Applied]:
+    return update_account(app, account_id, actor=actor, reason=reason, action="unblock",
+                          status="active", block_reason=None)
 
 
 def blocked_prefixes(current: str, block, unblock) -> str:
@@ -245,10 +254,12 @@ def check_auto_topup(row: Account, changes: dict, payment_url: str | None) -> No
 MOVEMENTS = {"topup": "prepaid", "payment": "postpaid", "adjustment": None}
 
 
-def move_money(app: App, account_id: str, kind: str, amount: int,
-               ref: str | None) -> tuple[Booking, Applied]:
+def move_money(app: App, account_id: str, kind: str, amount: int, ref: str | None,
+               actor: str | None = None, reason: str | None = None
+               ) -> tuple[Booking, Applied]:
     """A top-up (prepaid) or a payment (postpaid) raises the balance; an adjustment moves
-    it either way. The same `ref` is booked once, for ever."""
+    it either way. The same `ref` is booked once, for ever (with its first actor and
+    reason: a retry by someone else changes nothing)."""
     row = app.books.get_account(account_id)
     wanted = MOVEMENTS[kind]
     if wanted and row.kind != wanted:
@@ -266,7 +277,7 @@ def move_money(app: App, account_id: str, kind: str, amount: int,
                                  f"{'an' if other[0] in 'aeiou' else 'a'} {other} (entry "
                                  f"{entry.id})")
     booking = app.books.book(account_id, kind, amount, movement_key(kind, account_id, ref),
-                             reference=ref)
+                             reference=ref, actor=actor, reason=reason)
     return booking, apply_now(app, account_id)
 
 
@@ -287,13 +298,29 @@ def live_sessions(app: App, account: str | None = None) -> list[dict]:
     return state.live_sessions(app.redis, app.keys, account)
 
 
-def kill(app: App, sessions: list[str]) -> int:
-    """Ask whichever adapter holds these sessions to hang them up; returns listeners."""
-    for session in sessions:
-        SessionId.parse(session)
+class _NobodyListens(Exception):
+    pass
+
+
+def kill(app: App, sessions: list[str], actor: str | None = None,
+         reason: str | None = None) -> int:
+    """Ask whichever adapter holds these sessions to hang them up; returns listeners. Each
+    kill is recorded as `actor`'s, in a transaction that commits once the request went
+    out: none is recorded when nobody listens or Redis cannot be reached."""
+    accounts = [SessionId.parse(session).account for session in sessions]
     if not sessions:
         return 0
-    return app.redis.publish(app.keys.kill_channel, " ".join(sessions))
+    try:
+        with app.books.session.begin() as db:
+            for account, session in zip(accounts, sessions, strict=True):
+                record_action(db, account, "kill", actor, reason, session=session)
+            db.flush()  # refused by SQL: nothing was asked of Redis either
+            listeners = app.redis.publish(app.keys.kill_channel, " ".join(sessions))
+            if not listeners:
+                raise _NobodyListens
+    except _NobodyListens:
+        return 0
+    return listeners
 
 
 def sweep(app: App, now_ms: int | None = None, node: str | None = None,

@@ -21,6 +21,7 @@ import sqlalchemy.exc
 from sqlalchemy import func, select, update
 
 from . import limit_events
+from .books import actors
 from .books.models import Account, Cdr, LedgerEntry, RedisOutbox
 from .engine import state
 from .engine.core import LAYOUT, SHARDS, SessionId, shard_of
@@ -166,7 +167,7 @@ class Drain:
                                                                    account)]
             apply_now(self.app, account)  # Redis away: the worker applies it later
             if sessions:
-                kill(self.app, sessions)
+                kill(self.app, sessions, actors.FRAUD, "blocked for suspected fraud")
                 log.warning("account %s blocked for suspected fraud: hanging up %d call(s)",
                             account, len(sessions))
 

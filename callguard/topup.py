@@ -25,6 +25,7 @@ from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
 from . import service
+from .books import actors
 from .books.models import Account, AutoTopup, as_utc
 from .books.notices import add_notice
 from .engine import state
@@ -182,7 +183,8 @@ def _book(app: service.App, row: AutoTopup, provider_id: str, now: datetime) -> 
                       provider_id=provider_id or None):
             return  # another worker has just booked it
         booking = app.books.book(row.account, "topup", row.amount, f"autotopup:{row.key}",
-                                 reference=f"auto top-up {provider_id}".strip(), db=db)
+                                 reference=f"auto top-up {provider_id}".strip(), db=db,
+                                 actor=actors.AUTO_TOPUP)
         db.execute(update(AutoTopup).where(AutoTopup.id == row.id)
                    .values(entry=booking.entry_id))
         acct = db.get(Account, row.account, populate_existing=True)

@@ -4,12 +4,13 @@ ISO 8601 UTC with milliseconds."""
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, date, datetime, time
 
 from sqlalchemy import func, select
 
 from .books.ledger import BooksError
-from .books.models import Cdr, LedgerEntry, as_utc
+from .books.models import MONEY_SETTINGS, Cdr, LedgerEntry, OperatorAction, as_utc
 from .engine import state
 from .money import format_full
 from .rating import Rate
@@ -135,7 +136,9 @@ def live_calls(app, account: str | None = None) -> list[dict]:
 CDR_COLUMNS = ("session", "account", "direction", "destination", "prefix", "setup", "answer",
                "end", "duration", "billed", "rate_per_min", "connect_fee", "cost", "cause",
                "node")
-LEDGER_COLUMNS = ("entry", "at", "kind", "amount", "balance", "reference", "session")
+LEDGER_COLUMNS = ("entry", "at", "kind", "amount", "balance", "reference", "session", "actor",
+                  "reason")
+RECENT_ACTIONS = 5  # what `account show` lists of an account's operator actions
 
 
 def cdr_view(c: Cdr) -> dict:
@@ -180,4 +183,37 @@ def ledger_views(entries, balance: int = 0):
         balance += e.amount
         yield {"entry": e.id, "at": iso(e.created_at), "kind": e.kind,
                "amount": format_full(e.amount), "balance": format_full(balance),
-               "reference": e.reference, "session": e.session}
+               "reference": e.reference, "session": e.session, "actor": e.actor,
+               "reason": e.reason}
+
+
+# -- who did what (books.ledger.record_action) ----------------------------------------
+
+def action_view(a: OperatorAction) -> dict:
+    changes = json.loads(a.changes) if a.changes else {}
+    return {"id": a.id, "at": iso(a.at), "actor": a.actor, "action": a.action,
+            "reason": a.reason, "session": a.session,
+            "changes": {name: {"old": _setting(name, old), "new": _setting(name, new)}
+                        for name, (old, new) in changes.items()}}
+
+
+def _setting(name: str, value):
+    return money(value) if name in MONEY_SETTINGS else value
+
+
+def actions_query(account: str):
+    return select(OperatorAction).where(OperatorAction.account == account) \
+        .order_by(OperatorAction.id)
+
+
+def who_and_why(app, row) -> dict:
+    """An account's latest operator actions, newest first, and the block it is under (null:
+    not blocked, or blocked before the books recorded who did it)."""
+    latest = actions_query(row.id).order_by(None).order_by(OperatorAction.id.desc())
+    with app.books.session() as db:
+        recent = list(db.scalars(latest.limit(RECENT_ACTIONS)))
+        block = None
+        if row.status == "blocked":
+            block = db.scalar(latest.where(OperatorAction.action == "block").limit(1))
+    return {"blocked_by": action_view(block) if block else None,
+            "recent_actions": [action_view(a) for a in recent]}

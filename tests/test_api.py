@@ -27,6 +27,7 @@ from sqlalchemy import func, select
 
 from callguard.api import tokens
 from callguard.api.server import configure
+from callguard.books import actors
 from callguard.books.ledger import BooksError
 from callguard.books.models import ApiToken, LedgerEntry
 from callguard.engine.runner import SyncEngine
@@ -144,7 +145,7 @@ def test_an_account_token_sees_and_changes_its_own_account_only(api):
         "needs an operator's token")
     # What the customer portal changes: warnings, contact, auto top-up.
     changed = api.call("PATCH", f"/v1/accounts/{ACCT}", mine,
-                       json={"warn_below": "7.50", "email": "a@example.com"})
+                       json={"warn_below": "7.50", "email": "a@example.com", "reason": "mine"})
     assert changed.status_code == 200 and changed.json()["warn_below"] == "7.500000"
     # What the operator decides, never.
     for body in ({"max_channels": 100}, {"max_spend_per_hour": "0"}, {"plan": "default"}):
@@ -354,6 +355,52 @@ def test_block_with_hangup_ends_the_calls_and_unblock_lifts_it(api):
     listener.close()
 
 
+def test_each_action_is_booked_with_the_token_name_and_its_reason(api):
+    """Money movements, a settings change, a block, an unblock and a kill: who (the token's
+    name) and why (`reason`), in the books, shown where the API shows entries and actions."""
+    app = api.app
+    prepaid(app, ACCT)
+    call = answered(SyncEngine(app.redis, app.ops(node="n1")), ACCT, "PJSIP-a-1",
+                    "41901234567", at=T0)
+    listener = redis.Redis.from_url(app.redis_url, decode_responses=True).pubsub()
+    listener.subscribe(app.keys.kill_channel)
+    listener.get_message(timeout=5)  # the subscription itself
+    billing, portal = api.token("admin", name="billing"), api.token("admin", name="portal")
+    url = f"/v1/accounts/{ACCT}"
+
+    def topup(token):
+        return api.call("POST", f"{url}/topups", token, json={
+            "amount": "5", "reason": "bank transfer"}, headers={"Idempotency-Key": "INV-9"})
+
+    booked = topup(billing).json()
+    assert (booked["actor"], booked["reason"]) == ("api:billing", "bank transfer")
+    assert topup(portal).json()["actor"] == "api:billing"  # a repeat changes nothing
+    for method, path, body in (("PATCH", "", {"max_channels": 3, "reason": "contract"}),
+                               ("POST", "/block", {"reason": "fraud"}),
+                               ("POST", "/unblock", {"reason": "cleared"})):
+        assert api.call(method, url + path, billing, json=body).status_code == 200
+    assert api.call("DELETE", f"/v1/calls/{call.session}?reason=stuck",
+                    portal).status_code == 202
+    listener.close()
+    actions = api.call("GET", f"{url}/actions", billing).json()["items"]
+    assert [(a["action"], a["actor"], a["reason"]) for a in actions] == [
+        ("create", actors.local(), None), ("change", "api:billing", "contract"),
+        ("block", "api:billing", "fraud"), ("unblock", "api:billing", "cleared"),
+        ("kill", "api:portal", "stuck")]
+    assert actions[1]["changes"] == {"max_channels": {"old": 0, "new": 3}}
+    assert actions[-1]["session"] == call.session
+    first = api.call("GET", f"{url}/actions?limit=2", billing).json()
+    rest = api.call("GET", f"{url}/actions?after={first['next']}", billing).json()
+    assert first["items"] + rest["items"] == actions and rest["next"] is None
+    shown = api.call("GET", url, billing).json()
+    assert [a["action"] for a in shown["recent_actions"]] == ["kill", "unblock", "block",
+                                                              "change", "create"]
+    assert shown["blocked_by"] is None
+    ledger = api.call("GET", f"{url}/ledger", billing).json()["items"]
+    assert [(e["actor"], e["reason"]) for e in ledger] == [
+        (actors.local(), None), ("api:billing", "bank transfer")]
+
+
 def test_ledger_cdrs_and_notices_page_by_time(api):
     app = api.app
     prepaid(app, ACCT)
@@ -537,7 +584,7 @@ def test_every_answer_matches_the_document_and_none_is_a_500(api, mode):
     schema = schemathesis.openapi.from_url(f"http://127.0.0.1:{api.port}/v1/openapi.json",
                                            config=config)
     operations = [result.ok() for result in schema.get_all_operations()]
-    assert len(operations) == 14
+    assert len(operations) == 15
     answered_2xx: set[str] = set()
     for operation in operations:
         strategy = operation.as_strategy(schemathesis.GenerationMode(mode))

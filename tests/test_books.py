@@ -21,7 +21,7 @@ from callguard.cli import cli
 from callguard.rating import Rate
 
 TABLES = {"accounts", "rate_plans", "rates", "ledger", "cdrs", "notifications", "redis_outbox",
-          "auto_topups", "api_tokens"}
+          "auto_topups", "api_tokens", "operator_actions"}
 
 
 def cdr(session: str, account: str, cost: int, duration: int = 61) -> dict:
@@ -66,7 +66,7 @@ def test_db_upgrade_creates_the_schema_and_is_repeatable(settings):
         assert TABLES | {"alembic_version"} <= names
         with engine.connect() as conn:
             assert conn.execute(text("SELECT version_num FROM alembic_version")).scalars().all() \
-                == ["0004"]
+                == ["0005"]
         # The migration builds what the models describe: same columns, table by table.
         insp = inspect(engine)
         for table in Base.metadata.sorted_tables:

@@ -14,9 +14,11 @@ import uuid
 from datetime import UTC, datetime
 
 import pytest
-from sqlalchemy import select, text
+from sqlalchemy import MetaData, Table, insert, select, text
 from sqlalchemy.engine import make_url
 
+from callguard import views
+from callguard.books import actors
 from callguard.books.database import make_engine
 from callguard.books.models import Account, AutoTopup, as_utc
 from callguard.config import ConfigError
@@ -82,6 +84,74 @@ def test_a_second_topup_request_that_waited_sees_the_first_one_pending(app):
         assert request_topup(late, row, f"topup:{ACCT}:2-0") is None
     with books.session() as db:
         assert list(db.scalars(select(AutoTopup.key))) == [f"topup:{ACCT}:1-0"]
+
+
+# -- a migration on books that hold rows: on every backend -----------------------------------
+
+def test_revision_0005_keeps_what_was_booked_and_shows_its_actor_as_unknown(settings):
+    """A database at 0004 with an account, blocked, and its ledger: after the upgrade the
+    old entries and the old block are there, their actor unknown (null; "by unknown" in
+    the text), and what is done from then on says who did it."""
+    from alembic import command
+    from click.testing import CliRunner
+
+    from callguard.books.database import alembic_config
+    from callguard.cli import cli
+    from callguard.service import App
+
+    engine = make_engine(settings.sql_url)
+    cfg = alembic_config(engine)
+
+    def migrate(revision):
+        with engine.begin() as conn:
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, revision)
+
+    migrate("0004")
+    now = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
+    with engine.begin() as conn:
+        tables = MetaData()
+        accounts, ledger = (Table(name, tables, autoload_with=conn)
+                            for name in ("accounts", "ledger"))
+        conn.execute(insert(accounts).values(
+            id=ACCT, kind="prepaid", currency="CHF", plan="default", status="blocked",
+            block_reason="old block", max_channels=10, cps_limit=0, balance=7_000_000,
+            credit_limit=0, created_at=now, updated_at=now))
+        conn.execute(insert(ledger), [
+            {"account": ACCT, "kind": "topup", "amount": 10_000_000, "created_at": now,
+             "idempotency_key": "open:" + ACCT, "reference": "opening balance"},
+            {"account": ACCT, "kind": "adjustment", "amount": -3_000_000, "created_at": now,
+             "idempotency_key": f"adjustment:{ACCT}:T-1", "reference": "T-1"}])
+    migrate("head")
+    engine.dispose()
+    env = {"CALLGUARD_HOME": str(settings.home), "CALLGUARD_REDIS_URL": settings.redis_url,
+           "CALLGUARD_DATABASE_URL": settings.database_url,
+           "CALLGUARD_KEY_PREFIX": settings.key_prefix}
+
+    def run(*args) -> str:
+        result = CliRunner().invoke(cli, list(args), env=env, catch_exceptions=False)
+        assert result.exit_code == 0, result.stderr
+        return result.stdout
+
+    run("rebuild", "--yes")  # Redis learns the account the old books hold
+    rows = json.loads(run("account", "ledger", ACCT, "--json"))
+    assert [(r["amount"], r["balance"], r["reference"], r["actor"], r["reason"])
+            for r in rows] == [("10.000000", "10.000000", "opening balance", None, None),
+                               ("-3.000000", "7.000000", "T-1", None, None)]
+    assert all(line.endswith("by unknown") for line in run("account", "ledger", ACCT)
+               .splitlines())
+    shown = json.loads(run("account", "show", ACCT, "--json"))
+    assert (shown["blocked_by"], shown["recent_actions"]) == (None, [])
+    assert "status      blocked (old block) by unknown" in run("account", "show", ACCT)
+    run("account", "unblock", ACCT, "--reason", "migrated")
+    run("account", "adjust", ACCT, "1", "--reason", "goodwill")
+    app = App(settings)
+    try:
+        [unblock] = views.who_and_why(app, app.books.get_account(ACCT))["recent_actions"]
+        assert (unblock["action"], unblock["reason"]) == ("unblock", "migrated")
+        assert unblock["actor"] == app.books.ledger(ACCT)[-1].actor == actors.local()
+    finally:
+        app.close()
 
 
 # -- the database URL -----------------------------------------------------------------------

@@ -10,7 +10,7 @@ import json
 import pytest
 from sqlalchemy import select
 
-from callguard import service, sync
+from callguard import service, sync, views
 from callguard.books.models import Account, Notification
 from callguard.decisions import Reason
 from callguard.engine.core import shard_of
@@ -188,6 +188,14 @@ def test_on_fraud_block_blocks_in_redis_at_once_and_the_worker_books_it_and_hang
     row = app.books.get_account(ACCT)
     assert row.status == "blocked" and "hourly spending limit" in row.block_reason
     assert [k for k, _ in notices(app)] == ["fraud_suspected", "blocked"]
+    # Who did it: callguard's fraud controls, the block and each kill.
+    shown = views.who_and_why(app, row)
+    assert (shown["blocked_by"]["actor"], shown["blocked_by"]["reason"]) == (
+        "callguard:fraud", row.block_reason)
+    assert shown["blocked_by"]["changes"]["status"] == {"old": "active", "new": "blocked"}
+    kills = [a for a in shown["recent_actions"] if a["action"] == "kill"]
+    assert sorted(a["session"] for a in kills) == sorted(d.session for d in live)
+    assert {a["actor"] for a in kills} == {"callguard:fraud"}
     assert sync.reconcile(app) == []
 
 

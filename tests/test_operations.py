@@ -41,6 +41,8 @@ def test_calls_list_and_kill(app, run):
     # No serve process holds it here: the operator is told, nothing pretends.
     result = run("calls", "kill", d.session)
     assert result.exit_code == 1 and "no serve process" in result.stderr
+    assert [a["action"] for a in json.loads(run("account", "actions", "4144", "--json")
+                                            .stdout)] == ["create"]  # no kill to record
     result = run("calls", "kill", "4144/nosuchcall/1")
     assert result.exit_code == 1 and "no call in progress" in result.stderr
     assert run("calls", "kill", "not-a-session").exit_code == 1

@@ -172,6 +172,7 @@ def topped_up_once(app, p: Provider, account: str = ACCT) -> None:
     entry, = auto_entries(app, account)
     assert (entry.id, entry.kind, entry.amount) == (row.entry, "topup", AMOUNT)
     assert entry.idempotency_key == f"autotopup:{row.key}"
+    assert entry.actor == "callguard:auto-topup"
     assert balances(app, account) == (OPENING + AMOUNT, OPENING + AMOUNT)
     done = [n for n in notices(app, account) if n["type"].startswith("topup")]
     assert [(n["type"], n["amount"], n["balance"]) for n in done] == [

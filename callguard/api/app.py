@@ -21,9 +21,12 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import select
 
 from .. import notify, service, views
+from ..books import actors
+from ..books.models import MONEY_SETTINGS
 from ..books.models import Account as AccountRow
 from ..books.models import Cdr as CdrRow
 from ..books.models import LedgerEntry as LedgerRow
+from ..books.models import OperatorAction as ActionRow
 from ..engine.core import ACCOUNT_ID, SessionId
 from ..money import format_display, format_full, parse_amount
 from . import models as m
@@ -176,17 +179,20 @@ def routes(app: service.App) -> APIRouter:
             credit_limit=_micros(body.credit_limit, "credit_limit") or 0,
             warn_below=_micros(body.warn_below, "warn_below"),
             warn_at=_micros(body.warn_at, "warn_at"), max_channels=body.max_channels,
-            cps_limit=body.cps_limit, plan=body.plan, email=body.email)
+            cps_limit=body.cps_limit, plan=body.plan, email=body.email,
+            actor=actors.api(caller.name))
         log.info("account %s created by token %s", row.id, caller.name)
         return views.account_of(app, row)
 
     @api.get("/accounts/{account}", response_model=m.AccountLive, tags=["accounts"],
              responses=_problems(404))
     def get_account(account: AccountPath, caller: Annotated[Caller, Depends(read)]):
-        """An account's money and status, live from Redis, and its calls in progress."""
+        """An account's money and status, live from Redis, its calls in progress, and who
+        did what to it lately."""
         _own(caller, account)
-        return {**views.account_of(app, app.books.get_account(account)),
-                "live_calls": views.live_calls(app, account)}
+        row = app.books.get_account(account)
+        return {**views.account_of(app, row), "live_calls": views.live_calls(app, account),
+                **views.who_and_why(app, row)}
 
     @api.patch("/accounts/{account}", response_model=m.Account, tags=["accounts"],
                responses=_problems(404))
@@ -195,7 +201,7 @@ def routes(app: service.App) -> APIRouter:
         """Change limits, plan, contact, auto top-up or fraud controls. A token bound to
         the account may change its warning levels, contact and auto top-up only."""
         _own(caller, account)
-        given = body.model_fields_set
+        given = body.model_fields_set - {"reason"}
         if caller.account is not None and given - m.CUSTOMER_FIELDS:
             raise Problem(403, f"token {caller.name} may not change "
                                f"{', '.join(sorted(given - m.CUSTOMER_FIELDS))}: the operator "
@@ -205,15 +211,15 @@ def routes(app: service.App) -> APIRouter:
             value = getattr(body, name)
             if value is None:
                 raise Problem(422, f"{name}: give a value, or leave it out")
-            money_field = name in ("warn_below", "credit_limit", "warn_at", "auto_topup_below",
-                                   "auto_topup_amount", "max_spend_per_hour")
-            changes[name] = _micros(value, name) if money_field else value
+            changes[name] = _micros(value, name) if name in MONEY_SETTINGS else value
         if body.auto_topup is False:
             changes.update(auto_topup_below=None, auto_topup_amount=None)
         if not changes and not body.block_prefixes and not body.unblock_prefixes:
             raise Problem(422, "nothing to change: give at least one field")
         row, _ = service.update_account(app, account, block=body.block_prefixes,
-                                        unblock=body.unblock_prefixes, **changes)
+                                        unblock=body.unblock_prefixes,
+                                        actor=actors.api(caller.name), reason=body.reason,
+                                        **changes)
         log.info("account %s changed by token %s: %s", account, caller.name,
                  ", ".join(sorted(given)))
         return views.account_of(app, row)
@@ -224,17 +230,20 @@ def routes(app: service.App) -> APIRouter:
                       caller: Annotated[Caller, Depends(admin)]):
         """Block calls both ways; `hangup` also ends its calls in progress."""
         operator_only(caller)
-        row, _, hung_up = service.block_account(app, account, body.reason, body.hangup)
+        row, _, hung_up = service.block_account(app, account, body.reason, body.hangup,
+                                                actor=actors.api(caller.name))
         log.info("account %s blocked by token %s (%s)%s", account, caller.name, body.reason,
                  f"; hanging up {hung_up} call(s)" if body.hangup and hung_up else "")
         return {**views.account_of(app, row), "hung_up": hung_up}
 
     @api.post("/accounts/{account}/unblock", response_model=m.Account, tags=["accounts"],
               responses=_problems(404))
-    def unblock_account(account: AccountPath, caller: Annotated[Caller, Depends(admin)]):
+    def unblock_account(account: AccountPath, caller: Annotated[Caller, Depends(admin)],
+                        body: m.Unblock | None = None):
         """Lift an operator's (or the fraud controls') block."""
         operator_only(caller)
-        row, _ = service.unblock_account(app, account)
+        row, _ = service.unblock_account(app, account, actor=actors.api(caller.name),
+                                         reason=body.reason if body else None)
         log.info("account %s unblocked by token %s", account, caller.name)
         return views.account_of(app, row)
 
@@ -249,7 +258,9 @@ def routes(app: service.App) -> APIRouter:
             micros = _micros(body.amount, "amount", negative=kind == "adjustment")
             if micros == 0:
                 raise Problem(422, f"amount must be greater than zero: {body.amount!r}")
-            booking, applied = service.move_money(app, account, kind, micros, key)
+            booking, applied = service.move_money(app, account, kind, micros, key,
+                                                  actor=actors.api(caller.name),
+                                                  reason=body.reason)
             if not booking.created and booking.amount != micros:
                 raise Problem(422, f"already booked as entry {booking.entry_id} for "
                                    f"{format_display(booking.amount)}, not "
@@ -260,7 +271,8 @@ def routes(app: service.App) -> APIRouter:
             response.status_code = 201 if booking.created else 200
             return {"entry": booking.entry_id, "account": account, "kind": kind,
                     "amount": format_full(booking.amount), "created": booking.created,
-                    "in_redis": applied.in_redis}
+                    "in_redis": applied.in_redis, "actor": booking.actor,
+                    "reason": booking.reason}
 
         book.__doc__ = summary
         return book
@@ -296,6 +308,24 @@ def routes(app: service.App) -> APIRouter:
         return {"items": list(views.ledger_views(entries, start)),
                 "next": str(entries[-1].id) if more else None}
 
+    @api.get("/accounts/{account}/actions", response_model=m.ActionPage, tags=["accounts"],
+             responses=_problems(404))
+    def actions(account: AccountPath, caller: Annotated[Caller, Depends(read)],
+                limit: Limit = 100, after: After = None):
+        """Who created, changed, blocked or unblocked the account or hung up its calls, and
+        why, oldest first (money movements: the ledger)."""
+        _own(caller, account)
+        app.books.get_account(account)
+        query = views.actions_query(account)
+        if (cursor := _cursor(after, 1)) is not None:
+            query = query.where(ActionRow.id > cursor[0])
+        with app.books.session() as db:
+            rows = list(db.scalars(query.limit(limit + 1)))
+        more = len(rows) > limit
+        rows = rows[:limit]
+        return {"items": [views.action_view(a) for a in rows],
+                "next": str(rows[-1].id) if more else None}
+
     # -- calls, CDRs, notices -------------------------------------------------
     @api.get("/calls", response_model=list[m.Call], tags=["calls"])
     def calls(caller: Annotated[Caller, Depends(read)],
@@ -309,7 +339,9 @@ def routes(app: service.App) -> APIRouter:
     @api.delete("/calls/{session:path}", status_code=202, response_model=m.Hangup,
                 tags=["calls"], responses=_problems(404))
     def hang_up(session: Annotated[str, Path(max_length=200)],
-                caller: Annotated[Caller, Depends(admin)]):
+                caller: Annotated[Caller, Depends(admin)],
+                reason: Annotated[str | None, Query(min_length=1, max_length=200, description=(
+                    "Why: recorded in the books with the token's name."))] = None):
         """Hang a call up now, on whichever serve process holds it."""
         try:
             account = SessionId.parse(session).account
@@ -318,7 +350,7 @@ def routes(app: service.App) -> APIRouter:
         _own(caller, account)
         if not any(s["session"] == session for s in service.live_sessions(app, account)):
             raise Problem(404, f"no call in progress with session {session}")
-        listeners = service.kill(app, [session])
+        listeners = service.kill(app, [session], actors.api(caller.name), reason)
         if not listeners:
             raise Problem(503, "no serve process is listening; the PBX's own timeout will "
                                "end the call")

@@ -17,6 +17,8 @@ Money = Annotated[str, Field(pattern=r"^-?[0-9]+\.[0-9]{6}$", examples=["50.0000
 Time = Annotated[str, Field(description="ISO 8601 UTC, milliseconds", examples=[
     "2026-12-01T21:18:00.000Z"])]
 AccountId = Annotated[str, Field(pattern=f"^{ACCOUNT_ID.pattern}$", examples=["41441234567"])]
+Reason = Annotated[str, Field(min_length=1, max_length=200, description=(
+    "Why: recorded in the books with the token's name."))]
 
 
 class Request(BaseModel):
@@ -63,15 +65,23 @@ class AccountChange(Request):
     unblock_prefixes: Annotated[list[Annotated[str, Field(max_length=32)]],
                                 Field(max_length=100)] = []
     on_fraud: Literal["notify", "block"] | None = None
+    reason: Reason | None = None
 
 
 class Movement(Request):
     amount: AmountIn
+    reason: Reason | None = None
 
 
 class Block(Request):
-    reason: Annotated[str, Field(min_length=1, max_length=200)] = "blocked by operator"
+    reason: Annotated[str, Field(min_length=1, max_length=200, description=(
+        "The account's block reason, recorded with the token's name."))] = \
+        "blocked by operator"
     hangup: bool = Field(False, description="Also end the account's calls in progress.")
+
+
+class Unblock(Request):
+    reason: Reason | None = None
 
 
 class AutoTopup(BaseModel):
@@ -123,8 +133,34 @@ class Account(BaseModel):
     on_fraud: Literal["notify", "block"]
 
 
+SettingValue = str | int | None
+
+
+class Change(BaseModel):
+    old: SettingValue
+    new: SettingValue
+
+
+class Action(BaseModel):
+    """Who did what to an account and why (money movements are ledger entries)."""
+
+    id: int
+    at: Time
+    actor: str = Field(description="`api:<token name>`; the OS user for the CLI (and the "
+                                   "one sudo names); `callguard:...` for automatic ones.")
+    action: Literal["create", "change", "block", "unblock", "kill"]
+    reason: str | None
+    session: str | None = Field(description="The call a kill hung up.")
+    changes: dict[str, Change] = Field(description="Settings changed, old and new values.")
+
+
 class AccountLive(Account):
     live_calls: list[Call]
+    blocked_by: Action | None = Field(description="The block it is under; null: not blocked "
+                                                  "(or blocked before actions were "
+                                                  "recorded).")
+    recent_actions: list[Action] = Field(description="The latest operator actions, newest "
+                                                     "first.")
 
 
 class Blocked(Account):
@@ -139,6 +175,9 @@ class Booked(BaseModel):
     amount: Money
     created: bool = Field(description="False: this Idempotency-Key was booked before; "
                                       "nothing changed.")
+    actor: str | None = Field(description="Who booked the entry (on a repeat, the first "
+                                          "booking's).")
+    reason: str | None
     in_redis: bool = Field(description="False: booked; Redis takes it when it is back.")
 
 
@@ -168,6 +207,9 @@ class LedgerEntry(BaseModel):
     balance: Money
     reference: str | None
     session: str | None
+    actor: str | None = Field(description="Who booked it; null: booked before callguard "
+                                          "recorded it.")
+    reason: str | None
 
 
 class Notice(BaseModel):
@@ -200,6 +242,7 @@ def page(item: type[BaseModel], name: str) -> type[BaseModel]:
 AccountPage = page(Account, "AccountPage")
 CdrPage = page(Cdr, "CdrPage")
 LedgerPage = page(LedgerEntry, "LedgerPage")
+ActionPage = page(Action, "ActionPage")
 NoticePage = page(Notice, "NoticePage")
 
 

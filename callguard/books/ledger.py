@@ -4,6 +4,7 @@ changes nothing, whoever retries (the CLI, the worker after a crash)."""
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 
@@ -14,7 +15,17 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from ..money import MAX_MICROS, format_display
 from ..rating import Rate, RatePlan
-from .models import Account, Cdr, LedgerEntry, RatePlanRow, RateRow, RedisOutbox, utcnow
+from . import actors
+from .models import (
+    Account,
+    Cdr,
+    LedgerEntry,
+    OperatorAction,
+    RatePlanRow,
+    RateRow,
+    RedisOutbox,
+    utcnow,
+)
 
 _EMAIL = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s.]+")
 
@@ -69,6 +80,34 @@ class Booking:
     entry_id: int
     amount: int
     created: bool  # False: the key was booked before, nothing changed
+    actor: str | None = None  # who booked the entry, and why (the first booking's)
+    reason: str | None = None
+
+
+# Bookkeeping, not a setting anyone chose: not listed among an action's changes.
+_NOT_SETTINGS = {"unblocked_at"}
+
+
+def setting_changes(before: dict, after: dict) -> dict:
+    """{name: [old, new]} of the settings that changed; a card token is a secret of the
+    payment provider's: only whether one is on file is recorded."""
+    def shown(name, value):
+        return ("on file" if value else None) if name == "payment_method" else value
+
+    return {name: [shown(name, before.get(name)), shown(name, value)]
+            for name, value in sorted(after.items())
+            if name not in _NOT_SETTINGS and before.get(name) != value}
+
+
+def record_action(db: Session, account: str, action: str, actor: str | None,
+                  reason: str | None = None, session: str | None = None,
+                  changes: dict | None = None) -> None:
+    """Record who did `action` and why, in `db`'s transaction: a refused reason refuses
+    the change with it. `actor` None: this process's operator (actors.local)."""
+    check_text(OperatorAction.reason, reason, "reason")
+    db.add(OperatorAction(account=account, actor=actor or actors.local(), action=action,
+                          reason=reason, session=session,
+                          changes=json.dumps(changes) if changes else None))
 
 
 class Books:
@@ -77,10 +116,13 @@ class Books:
         self.session = sessionmaker(engine, expire_on_commit=False)
 
     # -- accounts ---------------------------------------------------------
-    def create_account(self, account_id: str, opening_balance: int = 0, **values) -> Account:
+    def create_account(self, account_id: str, opening_balance: int = 0,
+                       actor: str | None = None, **values) -> Account:
         """The account, its opening balance as a ledger entry like any other
-        (balance = sum(ledger)), and both queued for Redis, in one transaction."""
+        (balance = sum(ledger)), and both queued for Redis, in one transaction, with who
+        created it (`actor` None: actors.local)."""
         check_account_values(values)
+        actor = actor or actors.local()
         exists = AccountExists(f"account {account_id} already exists")
         try:
             with self.session.begin() as db:
@@ -91,9 +133,10 @@ class Books:
                 db.add(account)
                 db.flush()
                 db.add(RedisOutbox(account=account_id))
+                record_action(db, account_id, "create", actor)
                 if opening_balance:
                     self.book(account_id, "topup", opening_balance, f"open:{account_id}",
-                              reference="opening balance", db=db)
+                              reference="opening balance", actor=actor, db=db)
         except IntegrityError:
             # Two creates of one id at once (two API requests): the loser is told so.
             with self.session() as db:
@@ -113,16 +156,22 @@ class Books:
         with self.session() as db:
             return list(db.scalars(select(Account).order_by(Account.id)))
 
-    def update_account(self, account_id: str, **changes) -> Account:
-        """Change settings; Redis gets them through the outbox, in the same transaction."""
+    def update_account(self, account_id: str, *, actor: str | None = None,
+                       action: str = "change", reason: str | None = None,
+                       **changes) -> Account:
+        """Change settings; Redis gets them through the outbox, and the books who changed
+        what and why (`action`: change, block, unblock), in the same transaction."""
         check_account_values(changes)
         with self.session.begin() as db:
             account = db.get(Account, account_id, with_for_update=True)
             if account is None:
                 raise UnknownAccount(f"unknown account {account_id}")
+            before = {name: getattr(account, name) for name in changes}
             for name, value in changes.items():
                 setattr(account, name, value)
             db.add(RedisOutbox(account=account_id))
+            record_action(db, account_id, action, actor, reason,
+                          changes=setting_changes(before, changes))
         return account
 
     # -- ledger -----------------------------------------------------------
@@ -135,26 +184,32 @@ class Books:
         reference: str | None = None,
         session: str | None = None,
         db: Session | None = None,
+        actor: str | None = None,
+        reason: str | None = None,
     ) -> Booking:
-        """Append one movement and move the account's balance by `amount`, once per key.
+        """Append one movement and move the account's balance by `amount`, once per key,
+        with who booked it (`actor` None: actors.local) and why.
 
         An operator's movement is also queued for Redis in the same transaction; a call
         charge is not: Redis made it, the books only learn it."""
         check_text(LedgerEntry.idempotency_key, key, "reference")
         check_text(LedgerEntry.reference, reference, "reference")
+        check_text(LedgerEntry.reason, reason, "reason")
         if db is None:
             with self.session.begin() as db:
-                return self.book(account_id, kind, amount, key, reference, session, db)
+                return self.book(account_id, kind, amount, key, reference, session, db,
+                                 actor, reason)
         existing = db.scalar(select(LedgerEntry).where(LedgerEntry.idempotency_key == key))
         if existing is not None:
-            return Booking(existing.id, existing.amount, False)
+            return _booked_before(existing)
         # Move the balance first. Its row lock orders concurrent bookings on PostgreSQL, and
         # it opens the write transaction on SQLite, whose driver only starts one at the first
         # write: a SAVEPOINT before that would commit the entry on its own at RELEASE.
         self._move_balance(db, account_id, amount)
         entry = LedgerEntry(
             account=account_id, kind=kind, amount=amount, idempotency_key=key,
-            reference=reference, session=session,
+            reference=reference, session=session, actor=actor or actors.local(),
+            reason=reason,
         )
         try:
             with db.begin_nested():
@@ -170,8 +225,8 @@ class Books:
             existing = db.scalar(select(LedgerEntry).where(LedgerEntry.idempotency_key == key))
             if existing is None:
                 raise
-            return Booking(existing.id, existing.amount, False)
-        return Booking(entry.id, amount, True)
+            return _booked_before(existing)
+        return Booking(entry.id, amount, True, entry.actor, entry.reason)
 
     @staticmethod
     def _move_balance(db: Session, account_id: str, amount: int) -> None:
@@ -262,7 +317,7 @@ class Books:
         entries = [{"account": c["account"], "kind": "call_charge", "amount": -c["cost"],
                     "idempotency_key": f"call:{c['session']}",
                     "reference": c["destination"], "session": c["session"],
-                    "created_at": utcnow()} for c in new if c["cost"]]
+                    "actor": actors.CALLS, "created_at": utcnow()} for c in new if c["cost"]]
         if entries:
             db.execute(insert(LedgerEntry), entries)
         return len(new)
@@ -291,7 +346,8 @@ class Books:
         db.flush()
         if cdr["cost"]:
             self.book(cdr["account"], "call_charge", -cdr["cost"], f"call:{cdr['session']}",
-                      reference=cdr["destination"], session=cdr["session"], db=db)
+                      reference=cdr["destination"], session=cdr["session"], db=db,
+                      actor=actors.CALLS)
 
     def cdrs(self, account_id: str | None = None) -> list[Cdr]:
         query = select(Cdr).order_by(Cdr.id)
@@ -344,3 +400,7 @@ class Books:
         return {
             key: RatePlan(key[0], rates, versions.get(key[0], 0)) for key, rates in rows.items()
         }
+
+
+def _booked_before(entry: LedgerEntry) -> Booking:
+    return Booking(entry.id, entry.amount, False, entry.actor, entry.reason)

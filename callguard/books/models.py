@@ -27,6 +27,9 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 KINDS = ("prepaid", "postpaid")
 LEDGER_KINDS = ("topup", "payment", "call_charge", "adjustment")
+# Account settings that are money (micro-units inside, decimal strings at the edges).
+MONEY_SETTINGS = frozenset({"warn_below", "credit_limit", "warn_at", "auto_topup_below",
+                            "auto_topup_amount", "max_spend_per_hour"})
 DIRECTIONS = ("outbound", "inbound")
 
 
@@ -124,6 +127,31 @@ class LedgerEntry(Base):
     reference: Mapped[str | None] = mapped_column(String(200))
     session: Mapped[str | None] = mapped_column(String(200))
     created_at: Mapped[datetime] = mapped_column(Moment, default=utcnow)
+    # Who booked it (books.actors) and why; NULL on entries booked before revision 0005.
+    actor: Mapped[str | None] = mapped_column(String(100))
+    reason: Mapped[str | None] = mapped_column(String(200))
+
+
+ACTIONS = ("create", "change", "block", "unblock", "kill")
+
+
+class OperatorAction(Base):
+    """Append-only: who did what to an account that is not a money movement (those are
+    ledger entries, with their own actor and reason), and why. Written in the transaction
+    of the change itself, so a change without its record cannot exist. `changes` is a JSON
+    object of the settings it changed, each [old, new] (money in micro-units); `session`
+    the call a kill ended."""
+
+    __tablename__ = "operator_actions"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    account: Mapped[str] = mapped_column(ForeignKey("accounts.id"), index=True)
+    at: Mapped[datetime] = mapped_column(Moment, default=utcnow)
+    actor: Mapped[str] = mapped_column(String(100))
+    action: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str | None] = mapped_column(String(200))
+    session: Mapped[str | None] = mapped_column(String(200))
+    changes: Mapped[str | None] = mapped_column(Text)
 
 
 class Cdr(Base):

@@ -36,6 +36,9 @@ def account_text(data: dict) -> str:
         return f"{format_display(parse_amount(data[name], allow_negative=True))} {cur}"
 
     status = data["status"] + (f" ({data['block_reason']})" if data["block_reason"] else "")
+    if data["status"] == "blocked":
+        by = data["blocked_by"]
+        status += f" by {by['actor']} at {by['at']}" if by else " by unknown"
     if data["limit_state"] == "exhausted" and data["status"] == "active":
         status = ("blocked both ways: no credit left until a "
                   + ("top-up" if data["kind"] == "prepaid" else "payment"))
@@ -60,7 +63,30 @@ def account_text(data: dict) -> str:
         controls.append("blocked " + " ".join(data["blocked_prefixes"]))
     if controls:
         lines.append(f"fraud       {', '.join(controls)}; on fraud: {data['on_fraud']}")
+    if data["recent_actions"]:
+        lines.append("actions     latest first (all: callguard account actions "
+                     f"{data['account']})")
+        lines += [f"  {action_text(a)}" for a in data["recent_actions"]]
     return "\n".join(lines)
+
+
+def action_text(a: dict) -> str:
+    """One operator action on one line: when, who, what, why. A block's or unblock's status
+    change is the action itself."""
+    what = a["action"] + (f" {a['session']}" if a["session"] else "")
+    changes = ", ".join(f"{name} {_none(c['old'])} -> {_none(c['new'])}"
+                        for name, c in a["changes"].items()
+                        if name not in ("status", "block_reason"))
+    return (f"{a['at']}  {a['actor']}  {what}" + (f": {changes}" if changes else "")
+            + (f" ({a['reason']})" if a["reason"] else ""))
+
+
+def _none(value) -> str:
+    return "none" if value is None or value == "" else str(value)
+
+
+reason_option = click.option("--reason", help="Why: recorded in the books with who did it "
+                                              "(`account show`, `account actions`).")
 
 
 @account.command("create")
@@ -121,7 +147,8 @@ def account_show(ctx, account_id, as_json):
       callguard account show 41441234567 --json
     """
     app = app_of(ctx)
-    data = account_json(app, app.books.get_account(account_id))
+    row = app.books.get_account(account_id)
+    data = account_json(app, row) | views.who_and_why(app, row)
     emit(data, as_json, account_text(data))
 
 
@@ -171,9 +198,10 @@ def account_list(ctx, as_json):
 @click.option("--on-fraud", type=click.Choice(["notify", "block"]),
               help="When fraud is suspected: only notify, or also block the account and "
                    "hang its calls up.")
+@reason_option
 @click.pass_context
 @refusals
-def account_set(ctx, account_id, block_prefix, unblock_prefix, **options):
+def account_set(ctx, account_id, block_prefix, unblock_prefix, reason, **options):
     """Change an account's limits, plan, contact, auto top-up or fraud controls.
 
     \b
@@ -191,7 +219,7 @@ def account_set(ctx, account_id, block_prefix, unblock_prefix, **options):
         raise click.UsageError("nothing to change: give at least one option")
     app = app_of(ctx)
     row, applied = service.update_account(app, account_id, block=block_prefix,
-                                          unblock=unblock_prefix, **changes)
+                                          unblock=unblock_prefix, reason=reason, **changes)
     done = f"updated account {account_id}: {', '.join(sorted(changes) or ['blocked prefixes'])}"
     if "credit_limit" in changes and applied.in_redis and _no_credit(app, account_id):
         done += (f"\n{account_id} now has no credit left under its limit: it is blocked "
@@ -235,9 +263,9 @@ class MoneyCommand(click.Command):
 
     def parse_args(self, ctx, args):
         if "--" not in args:
-            # A --ref value may look like an amount too: it stays with its option.
-            moved = {i for i, arg in enumerate(args)
-                     if _NEGATIVE.match(arg) and (i == 0 or args[i - 1] != "--ref")}
+            # A --ref or --reason value may look like an amount too: it stays with its option.
+            moved = {i for i, arg in enumerate(args) if _NEGATIVE.match(arg)
+                     and (i == 0 or args[i - 1] not in ("--ref", "--reason"))}
             if moved:
                 args = ([a for i, a in enumerate(args) if i not in moved] + ["--"]
                         + [a for i, a in enumerate(args) if i in moved])
@@ -249,13 +277,15 @@ def _money_command(kind: str):
     @click.argument("amount")
     @click.option("--ref", help="Reference (bank transfer, receipt); the same reference is "
                                 "never booked twice.")
+    @click.option("--reason", help="Why: recorded on the ledger entry with who booked it.")
     @click.pass_context
     @refusals
-    def command(ctx, account_id, amount, ref):
+    def command(ctx, account_id, amount, ref, reason):
         micros = parse_amount(amount, allow_zero=False, allow_negative=kind == "adjustment")
         app = app_of(ctx)
         was = _limit_state(app, account_id)
-        booking, applied = service.move_money(app, account_id, kind, micros, ref)
+        booking, applied = service.move_money(app, account_id, kind, micros, ref,
+                                              reason=reason)
         if booking.created:
             done = (f"booked {kind} of {format_display(micros)} on {account_id} "
                     f"(entry {booking.entry_id})")
@@ -294,7 +324,8 @@ account.command(
 
 @account.command("block")
 @click.argument("account_id", metavar="ACCT")
-@click.option("--reason", default="blocked by operator", show_default=True)
+@click.option("--reason", default="blocked by operator", show_default=True,
+              help="Why: the account's block reason, recorded with who blocked it.")
 @click.option("--hangup", is_flag=True, help="Also end the account's calls in progress.")
 @click.pass_context
 @refusals
@@ -317,17 +348,18 @@ def account_block(ctx, account_id, reason, hangup):
 
 @account.command("unblock")
 @click.argument("account_id", metavar="ACCT")
+@reason_option
 @click.pass_context
 @refusals
-def account_unblock(ctx, account_id):
+def account_unblock(ctx, account_id, reason):
     """Lift an operator's block.
 
     \b
     Example:
-      callguard account unblock 41441234567
+      callguard account unblock 41441234567 --reason "customer called back"
     """
     app = app_of(ctx)
-    _, applied = service.unblock_account(app, account_id)
+    _, applied = service.unblock_account(app, account_id, reason=reason)
     done = f"unblocked {account_id}"
     if applied.in_redis and _no_credit(app, account_id):
         done += ("; it has no credit left: calls are refused (NO_FUNDS) until a "

@@ -1,4 +1,5 @@
-"""`callguard cdr list`, `callguard account ledger`: the books at the operator's fingertips.
+"""`callguard cdr list`, `callguard account ledger`, `callguard account actions`: the books
+at the operator's fingertips.
 
 Rows stream from SQL in pages (`yield_per`), so a book of millions of CDRs is printed with
 the memory of one page. Money as decimal strings, times as ISO 8601 UTC, CSV with a header
@@ -13,7 +14,7 @@ import sys
 import click
 
 from .. import views
-from .accounts import account
+from .accounts import account, action_text
 from .base import app_of, cli, refusals
 
 PAGE = 1000
@@ -84,7 +85,8 @@ def cdr_list(ctx, account_id, since, until, as_json, as_csv):
 @click.pass_context
 @refusals
 def account_ledger(ctx, account_id, as_json, as_csv):
-    """List an account's ledger entries with the running balance, oldest first.
+    """List an account's ledger entries with the running balance, oldest first, each with
+    who booked it and why (unknown: booked before callguard recorded it).
 
     \b
     Example:
@@ -99,4 +101,26 @@ def account_ledger(ctx, account_id, as_json, as_csv):
         entries = views.ledger_views(db.scalars(query))
         _write(entries, views.LEDGER_COLUMNS, as_json, as_csv, lambda r: (
             f"{r['at']}  {r['entry']:>8}  {r['kind']:<11} {r['amount']:>18}  "
-            f"{r['balance']:>18}  {r['reference'] or ''}"))
+            f"{r['balance']:>18}  {r['reference'] or ''}  by {r['actor'] or 'unknown'}"
+            + (f" ({r['reason']})" if r["reason"] else "")))
+
+
+@account.command("actions")
+@click.argument("account_id", metavar="ACCT")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+@refusals
+def account_actions(ctx, account_id, as_json):
+    """List who created, changed, blocked or unblocked an account or hung up its calls, and
+    why, oldest first (money movements: `account ledger`).
+
+    \b
+    Example:
+      callguard account actions 41441234567
+    """
+    app = app_of(ctx)
+    app.books.get_account(account_id)
+    query = views.actions_query(account_id).execution_options(yield_per=PAGE)
+    with app.books.session() as db:
+        actions = (views.action_view(a) for a in db.scalars(query))
+        _write(actions, (), as_json, False, action_text)

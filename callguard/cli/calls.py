@@ -45,19 +45,21 @@ def calls_list(ctx, account_id, as_json):
 
 @calls.command("kill")
 @click.argument("session")
+@click.option("--reason", help="Why: recorded in the books with who hung it up "
+                               "(`account actions`).")
 @click.pass_context
 @refusals
-def calls_kill(ctx, session):
+def calls_kill(ctx, session, reason):
     """Hang up one call now, on whichever serve process holds it.
 
     \b
     Example:
-      callguard calls kill 41441234567/1795236355.1310/7
+      callguard calls kill 41441234567/1795236355.1310/7 --reason "calls to +882"
     """
     app = app_of(ctx)
     if not any(s["session"] == session for s in
                service.live_sessions(app, SessionId.parse(session).account)):
         raise Refused(f"no call in progress with session {session}")
-    if not service.kill(app, [session]):
+    if not service.kill(app, [session], reason=reason):
         raise Refused("no serve process is listening; the PBX's own timeout will end the call")
     click.echo(f"hanging up {session}")

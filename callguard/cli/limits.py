@@ -10,7 +10,7 @@ import click
 from .. import service
 from ..books.history import FACTOR, STEP, WINDOW, suggest_limit
 from ..money import MICRO, format_display, format_full
-from .accounts import account
+from .accounts import account, reason_option
 from .base import Refused, app_of, emit, refusals, report
 
 
@@ -26,9 +26,10 @@ def _day(_ctx, _param, value):
 @click.option("--apply", "apply_it", is_flag=True, help="Set the suggested credit limit.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--today", callback=_day, hidden=True, help="Take this day as today (tests).")
+@reason_option
 @click.pass_context
 @refusals
-def account_suggest_limit(ctx, account_id, apply_it, as_json, today):
+def account_suggest_limit(ctx, account_id, apply_it, as_json, today, reason):
     """Propose a credit limit by the rule of thumb: the average monthly cost over the last
     3 full calendar months (UTC) x 3, rounded up to a multiple of 10; with --apply, set it.
 
@@ -70,7 +71,8 @@ def account_suggest_limit(ctx, account_id, apply_it, as_json, today):
     if not apply_it:
         emit(data, as_json, "\n".join(lines))
         return
-    _, applied = service.update_account(app, row.id, credit_limit=s.suggested)
+    _, applied = service.update_account(app, row.id, credit_limit=s.suggested,
+                                        reason=reason or "suggest-limit --apply")
     data.update(applied=True, in_redis=applied.in_redis)
     lines.append(f"applied: credit limit of {row.id} set to {format_display(s.suggested)} "
                  f"{cur} (was {format_display(row.credit_limit)})")
