@@ -259,6 +259,7 @@ def test_bad_input_is_a_4xx_problem_and_books_nothing(api):
         (api.call("GET", "/v1/cdrs?since=yesterday", token), 422,
          "not a date: 'yesterday' (YYYY-MM-DD or an ISO 8601 time)"),
         (api.call("GET", "/v1/accounts/bad%20id", token), 422, None),
+        (api.call("GET", "/v1/accounts?after=a%00b", token), 422, None),  # PostgreSQL: a 500
         (api.call("PATCH", f"/v1/accounts/{ACCT}", token, json={}), 422,
          "nothing to change: give at least one field"),
         (api.call("PATCH", f"/v1/accounts/{ACCT}", token, json={"max_channels": "3"}), 422,

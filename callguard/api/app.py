@@ -105,6 +105,9 @@ Until = Annotated[str | None, Query(description="Up to this time (a bare date in
                                                 "that day).", max_length=40)]
 After = Annotated[str | None, Query(description="The `next` cursor of the page before.",
                                     max_length=100)]
+# An account's id: its shape, so junk (a NUL, which PostgreSQL refuses) is a 422, not a 500.
+AccountAfter = Annotated[str | None, Query(description="The `next` cursor of the page before.",
+                                           pattern=f"^{ACCOUNT_ID.pattern}$")]
 IdempotencyKey = Annotated[str, Header(
     alias="Idempotency-Key", min_length=1, max_length=180,
     description="The movement's reference (a bank transfer, a receipt; UTF-8), as the "
@@ -149,7 +152,7 @@ def routes(app: service.App) -> APIRouter:
     # -- accounts ---------------------------------------------------------------
     @api.get("/accounts", response_model=m.AccountPage, tags=["accounts"])
     def list_accounts(caller: Annotated[Caller, Depends(read)], limit: Limit = 100,
-                      after: After = None):
+                      after: AccountAfter = None):
         """Accounts in order of their id, a page at a time."""
         operator_only(caller)
         query = select(AccountRow).order_by(AccountRow.id).limit(limit + 1)
