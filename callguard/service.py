@@ -27,6 +27,7 @@ from .engine.core import Keys, Ops, Plans, SessionId
 from .engine.runner import SyncEngine
 from .logs import Throttled
 from .rating import Rate, normalize_number
+from .statedir import private_dir
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,8 @@ class App:
 
     @cached_property
     def books(self) -> Books:
+        if self.settings.database_url is None:  # SQLite in the state directory
+            private_dir(self.settings.home)
         return Books(make_engine(self.settings.sql_url, self.sql_pool))
 
     @cached_property
