@@ -104,14 +104,16 @@ def socket_address(home: Path) -> str:
     return f"/proc/self/fd/{fd}/{SOCKET}"
 
 
-def _answers(home: Path) -> bool:
+def _answers(home: Path, ready: bool = False) -> bool:
+    """Whether the embedded Redis runs; `ready`: and has loaded its AOF (until then it
+    answers every command with LOADING)."""
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.settimeout(0.5)
             s.connect(socket_address(home))
             s.sendall(b"PING\r\n")
             # A server still loading its AOF is running: never start a second one on it.
-            return s.recv(8).startswith((b"+PONG", b"-LOADING"))
+            return s.recv(8).startswith(b"+PONG" if ready else (b"+PONG", b"-LOADING"))
     except OSError:
         return False
 
@@ -143,7 +145,7 @@ def ensure_embedded(home: Path, keep: bool = True) -> str:
     one-shot user to stop); True: the server stays up after us."""
     private_dir(home)  # the AOF holds the balances; the socket must be ours
     url = f"unix://{socket_address(home)}"
-    if not keep and _answers(home):
+    if not keep and _answers(home, ready=True):
         return url
     with _lock(home / START_LOCK, fcntl.LOCK_EX):  # two starting at once: one server
         if not _answers(home):
@@ -152,6 +154,12 @@ def ensure_embedded(home: Path, keep: bool = True) -> str:
             _start(home.resolve())
         if keep:  # under the lock: a one-shot start cannot mark it after we looked
             (home / ONE_SHOT).unlink(missing_ok=True)
+    deadline = time.monotonic() + 60
+    while not _answers(home, ready=True):  # a big AOF takes a while
+        if time.monotonic() > deadline:
+            raise RedisUnavailable(f"the embedded Redis is still loading its data; see "
+                                   f"{home / 'redis.log'}")
+        time.sleep(0.02)
     return url
 
 
