@@ -22,7 +22,7 @@ from .books.ledger import Booking, Books, BooksError
 from .books.models import Account, RedisOutbox, utcnow
 from .config import Settings
 from .engine import state
-from .engine.connect import EmbeddedUse, connect
+from .engine.connect import EmbeddedUse, RedisTLS, connect
 from .engine.core import Keys, Ops, Plans, SessionId
 from .engine.runner import SyncEngine
 from .logs import Throttled
@@ -58,9 +58,14 @@ class App:
         self._embedded = EmbeddedUse(self.settings.home, long_running=not self.one_shot)
         return self._embedded.url
 
+    @property
+    def redis_tls(self) -> RedisTLS:
+        s = self.settings
+        return RedisTLS(s.redis_tls_ca, s.redis_tls_cert, s.redis_tls_key)
+
     @cached_property
     def redis(self):
-        return connect(self.redis_url)
+        return connect(self.redis_url, self.redis_tls)
 
     @cached_property
     def plans(self) -> Plans:

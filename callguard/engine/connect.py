@@ -45,8 +45,10 @@ import logging
 import os
 import shutil
 import socket
+import ssl
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import redis
@@ -54,6 +56,7 @@ import redis.asyncio
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from ..config import ConfigError
 from ..statedir import private_dir
 
 log = logging.getLogger(__name__)
@@ -406,25 +409,80 @@ def is_cluster(url: str) -> bool:
     return _cluster_url(url) is not None
 
 
+@dataclass(frozen=True)
+class RedisTLS:
+    """The PEM files of a rediss:// connection (CALLGUARD_REDIS_TLS_*): the CA the server's
+    certificate must chain to, trusted as well as the system's (None: the system's only),
+    and this client's certificate and key (None: none). The server's certificate and its
+    name are always verified."""
+
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+
+    def context(self) -> ssl.SSLContext:
+        """The client's TLS context, each file loaded here so that a bad one is named."""
+        context = ssl.create_default_context()
+        if self.ca:
+            _load("CALLGUARD_REDIS_TLS_CA", self.ca, context.load_verify_locations, self.ca)
+        if self.cert:
+            _load("CALLGUARD_REDIS_TLS_CERT and _KEY", f"{self.cert}, {self.key}",
+                  context.load_cert_chain, self.cert, self.key)
+        return context
+
+    def options(self, url: str) -> dict:
+        """redis-py's arguments for `url` (none unless it is a rediss:// one); the files are
+        checked first: a bad one is one line naming it, not an error at each connection."""
+        if not url.startswith("rediss"):
+            return {}
+        self.context()
+        return {"ssl_ca_certs": self.ca, "ssl_certfile": self.cert, "ssl_keyfile": self.key,
+                "ssl_cert_reqs": "required", "ssl_check_hostname": True}
+
+
+def _load(name: str, files: str, load, *args) -> None:
+    try:
+        load(*args)
+    except ssl.SSLError as exc:  # "NO_CERTIFICATE_OR_CRL_FOUND", "KEY_VALUES_MISMATCH"
+        reason = (exc.reason or "not PEM").lower().replace("_", " ")
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+    else:
+        return
+    raise ConfigError(f"{name} ({files}): cannot use it: {reason}")
+
+
+NO_TLS = RedisTLS()
+
 # The blocking client is used off the call path (CLI, worker, sweeps); a Redis that is
 # black-holed must not hang it, nor a SQL lock it holds meanwhile.
 TIMEOUTS = {"socket_timeout": 5.0, "socket_connect_timeout": 2.0}
 
 
-def connect(url: str):
+def connect(url: str, tls: RedisTLS = NO_TLS):
+    """The blocking client every callguard process uses for `url`."""
     cluster = _cluster_url(url)
     if cluster:
-        return redis.RedisCluster.from_url(cluster, decode_responses=True, **TIMEOUTS)
+        try:  # it asks a node for the slots at once
+            return redis.RedisCluster.from_url(cluster, decode_responses=True,
+                                               **tls.options(cluster), **TIMEOUTS)
+        except redis.exceptions.RedisClusterException as exc:  # not a RedisError
+            raise redis.ConnectionError(str(exc)) from None
     return redis.Redis.from_url(url, decode_responses=True, health_check_interval=30,
-                                **TIMEOUTS)
+                                **tls.options(url), **TIMEOUTS)
 
 
-def connect_async(url: str, max_connections: int = 64, wait: float = 1.0):
+def connect_async(url: str, max_connections: int = 64, wait: float = 1.0,
+                  tls: RedisTLS = NO_TLS):
+    """The asyncio client of `serve` (the call path's scripts may go through a
+    PipelinedRedis beside it, with the same `tls`)."""
     cluster = _cluster_url(url)
     if cluster:
-        return redis.asyncio.RedisCluster.from_url(cluster, decode_responses=True)
+        return redis.asyncio.RedisCluster.from_url(cluster, decode_responses=True,
+                                                   **tls.options(cluster))
     # A burst beyond the pool waits for a free connection (within the caller's budget)
     # instead of failing at once with "Too many connections".
     pool = redis.asyncio.BlockingConnectionPool.from_url(
-        url, decode_responses=True, max_connections=max_connections, timeout=wait)
+        url, decode_responses=True, max_connections=max_connections, timeout=wait,
+        **tls.options(url))
     return redis.asyncio.Redis(connection_pool=pool)
