@@ -32,6 +32,11 @@ def _secret(default=None):
 class Settings:
     home: Path = field(default_factory=lambda: default_home(os.environ))  # always absolute
     redis_url: str | None = _secret()  # None: the embedded Redis under home
+    # PEM files for a rediss:// URL: the CA the server's certificate must chain to (as well
+    # as the system's), and this client's certificate and key (for a server that asks).
+    redis_tls_ca: str | None = None
+    redis_tls_cert: str | None = None
+    redis_tls_key: str | None = None
     database_url: str | None = _secret()  # None: SQLite under home
     ami_url: str | None = _secret()  # ami:// plain text, amis:// TLS
     ami_tls_ca: str | None = None  # PEM: the CAs amis:// trusts instead of the system's
@@ -80,6 +85,7 @@ class Settings:
         for name in ("agi_bind", "esl_bind", "http_bind", "api_bind"):
             if getattr(self, name) not in (None, "off"):
                 split_hostport(getattr(self, name))
+        self._validate_redis_tls()
         for name in ("webhook_url", "payment_url"):
             if getattr(self, name):
                 check_http_url(f"CALLGUARD_{name.upper()}", getattr(self, name))
@@ -97,6 +103,16 @@ class Settings:
             raise ConfigError(f"the API token pepper must be at least {PEPPER_MIN} characters "
                               "(openssl rand -base64 32)")
         return self
+
+    def _validate_redis_tls(self) -> None:
+        given = [n for n in ("redis_tls_ca", "redis_tls_cert", "redis_tls_key")
+                 if getattr(self, n)]
+        if given and not (self.redis_url or "").startswith(("rediss://", "rediss+cluster://")):
+            raise ConfigError(f"{_ENV[given[0]]} is set but the Redis URL is not rediss:// "
+                              "(or rediss+cluster://): the connection would not use TLS")
+        if bool(self.redis_tls_cert) != bool(self.redis_tls_key):
+            raise ConfigError("CALLGUARD_REDIS_TLS_CERT and CALLGUARD_REDIS_TLS_KEY go "
+                              "together: a client certificate and its key")
 
 
 _ENV = {f.name: "CALLGUARD_" + f.name.upper() for f in fields(Settings)}

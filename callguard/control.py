@@ -36,7 +36,8 @@ from .supervision import CallState, Extend, Hangup, PushDeadline, Release, Super
 
 log = logging.getLogger(__name__)
 
-REDIS_ERRORS = (redis.RedisError, OSError)
+# An asyncio Redis Cluster none of whose nodes answers raises a RedisClusterException.
+REDIS_ERRORS = (redis.RedisError, redis.exceptions.RedisClusterException, OSError)
 ENDED_KEPT = 4096  # hangups of untracked channels remembered: far more than setups in flight
 
 
@@ -80,8 +81,9 @@ class CallControl:
         self.app, self.pbx, self.node = app, pbx, node
         self.settings = s = app.settings
         self.clock = clock or Clock()
-        pipelined = None if is_cluster(app.redis_url) else PipelinedRedis(app.redis_url)
-        self.engine = AsyncEngine(connect_async(app.redis_url), app.ops(node), pipelined)
+        url, tls = app.redis_url, app.redis_tls
+        pipelined = None if is_cluster(url) else PipelinedRedis(url, tls)
+        self.engine = AsyncEngine(connect_async(url, tls=tls), app.ops(node), pipelined)
         self.supervisor = Supervisor(quota=s.quota_seconds, grace=s.grace_seconds)
         self.lease = nodes.NodeLease(app.engine, node)
         self.metrics = ServeMetrics(pbx.name.lower())

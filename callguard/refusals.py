@@ -21,7 +21,10 @@ log = logging.getLogger("callguard")
 REFUSED = (BooksError, AmountError, NumberError, ConfigError, NodeClash, LayoutMismatch,
            ValueError)
 
-EXPECTED = (*REFUSED, redis.RedisError, RedisUnavailable, sqlalchemy.exc.OperationalError,
+# A Redis Cluster that no node of answers (RedisClusterException) is no RedisError.
+REDIS_DOWN = (redis.RedisError, redis.exceptions.RedisClusterException, RedisUnavailable)
+
+EXPECTED = (*REFUSED, *REDIS_DOWN, sqlalchemy.exc.OperationalError,
             sqlalchemy.exc.ProgrammingError, sqlalchemy.exc.TimeoutError)
 
 
@@ -30,7 +33,7 @@ def explain(exc: BaseException) -> tuple[bool, str] | None:
     the SQL database) rather than the request being refused; None for a bug."""
     if isinstance(exc, REFUSED):
         return False, str(exc)
-    if isinstance(exc, redis.RedisError | RedisUnavailable):
+    if isinstance(exc, REDIS_DOWN):
         log.debug("redis failure", exc_info=exc)
         return True, f"Redis unavailable: {exc}"
     if isinstance(exc, sqlalchemy.exc.TimeoutError):  # no pooled connection came in time

@@ -22,11 +22,12 @@ from .books.ledger import Booking, Books, BooksError, record_action
 from .books.models import Account, RedisOutbox, utcnow
 from .config import Settings
 from .engine import state
-from .engine.connect import EmbeddedUse, connect
+from .engine.connect import EmbeddedUse, RedisTLS, connect
 from .engine.core import Keys, Ops, Plans, SessionId
 from .engine.runner import SyncEngine
 from .logs import Throttled
 from .rating import Rate, normalize_number
+from .statedir import private_dir
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,8 @@ class App:
 
     @cached_property
     def books(self) -> Books:
+        if self.settings.database_url is None:  # SQLite in the state directory
+            private_dir(self.settings.home)
         return Books(make_engine(self.settings.sql_url, self.sql_pool))
 
     @cached_property
@@ -55,9 +58,14 @@ class App:
         self._embedded = EmbeddedUse(self.settings.home, long_running=not self.one_shot)
         return self._embedded.url
 
+    @property
+    def redis_tls(self) -> RedisTLS:
+        s = self.settings
+        return RedisTLS(s.redis_tls_ca, s.redis_tls_cert, s.redis_tls_key)
+
     @cached_property
     def redis(self):
-        return connect(self.redis_url)
+        return connect(self.redis_url, self.redis_tls)
 
     @cached_property
     def plans(self) -> Plans:

@@ -22,10 +22,10 @@ from sqlalchemy.engine import make_url
 from callguard.books.database import make_engine, upgrade
 from callguard.cli import cli
 from callguard.config import load_settings
-from callguard.engine.connect import ensure_embedded, redis_binary, stop_embedded
+from callguard.engine.connect import connect, ensure_embedded, redis_binary, stop_embedded
 from callguard.service import App
 
-from servers import RedisServer, answers, bindable, free_port
+from servers import ACL_USER, ADMIN, RedisServer, acl_file, answers, bindable, free_port
 
 FIXTURES = Path(__file__).with_name("fixtures")
 
@@ -73,9 +73,46 @@ def redis_url(single_redis_url):
 
 
 @pytest.fixture(scope="session")
+def acl_redis_url(tmp_path_factory):
+    """A redis-server of the suite's own with the shipped ACL loaded (servers.acl_file), no
+    default user: what connects as `callguard` may run only what contrib/redis/callguard.acl
+    allows, and a command it leaves out fails the test (NOPERM)."""
+    base = tmp_path_factory.mktemp("acl-redis")
+    port = free_port()
+    with open(base / "redis.log", "w") as log:
+        proc = subprocess.Popen(
+            [shutil.which("redis-server") or redis_binary(), "--port", str(port), "--bind",
+             "127.0.0.1", "--aclfile", str(acl_file(base / "users.acl")), "--dir", str(base),
+             "--save", "", "--appendonly", "no"], stdout=log, stderr=subprocess.STDOUT)
+    url = f"redis://{ACL_USER}@127.0.0.1:{port}/0"
+    try:
+        _until_up(url, [proc], base / "redis.log")
+        yield url
+    finally:
+        _stop([proc])
+
+
+def _until_up(url: str, procs: list[subprocess.Popen], log: Path) -> None:
+    client = connect(url)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            client.ping()
+            return
+        except redis.ConnectionError:
+            if any(p.poll() is not None for p in procs):
+                raise RuntimeError(f"redis-server exited: {log.read_text()[-500:]}") from None
+            assert time.monotonic() < deadline, f"redis-server did not start: see {log}"
+            time.sleep(0.05)
+        finally:
+            client.close()
+
+
+@pytest.fixture(scope="session")
 def cluster_url(tmp_path_factory):
     """A real 3-master Redis Cluster on loopback, started from the machine's redis-server
-    (the embedded one where the machine has none)."""
+    (the embedded one where the machine has none), with the shipped ACL loaded as for
+    acl_redis_url: the tests connect as `callguard`."""
     try:
         binary = shutil.which("redis-server") or redis_binary()
     except RuntimeError:
@@ -124,35 +161,49 @@ def _cluster_ports(count: int) -> list[int]:
 
 def _start_cluster(binary: str, cli_binary: str, base: Path, procs: list) -> str:
     ports = _cluster_ports(3)
+    acl = acl_file(base / "users.acl")
     for port in ports:
         node_dir = base / str(port)
         node_dir.mkdir()
         procs.append(subprocess.Popen(
             [binary, "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
              "--cluster-config-file", str(node_dir / "nodes.conf"), "--dir", str(node_dir),
-             "--save", "", "--appendonly", "no"],
+             "--save", "", "--appendonly", "no", "--aclfile", str(acl)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         ))
+    admin, password = ADMIN.split(":")
     deadline = time.monotonic() + 10
-    while not all(answers("127.0.0.1", p) for p in ports):
+    while not all(_up(p) for p in ports):
         if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
             raise ClusterStartFailed("cluster nodes did not start")
         time.sleep(0.05)
     try:
         subprocess.run(
-            [cli_binary, "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports),
-             "--cluster-replicas", "0", "--cluster-yes"],
+            [cli_binary, "--user", admin, "--pass", password, "--cluster", "create",
+             *(f"127.0.0.1:{p}" for p in ports), "--cluster-replicas", "0", "--cluster-yes"],
             check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=30,
         )
         deadline = time.monotonic() + 15
-        while not all(redis.Redis(port=p, decode_responses=True).cluster("info").get(
-                "cluster_state") == "ok" for p in ports):
+        while not all(_admin(p).cluster("info").get("cluster_state") == "ok" for p in ports):
             if time.monotonic() > deadline:
                 raise ClusterStartFailed("cluster did not become ok")
             time.sleep(0.1)
     except (subprocess.SubprocessError, redis.RedisError) as exc:
         raise ClusterStartFailed(f"cluster create failed: {exc}") from exc
-    return f"redis+cluster://127.0.0.1:{ports[0]}"
+    return f"redis+cluster://{ACL_USER}@127.0.0.1:{ports[0]}"
+
+
+def _admin(port: int) -> redis.Redis:
+    admin, password = ADMIN.split(":")
+    return redis.Redis(port=port, username=admin, password=password, decode_responses=True,
+                       socket_timeout=5)
+
+
+def _up(port: int) -> bool:
+    try:
+        return _admin(port).ping()
+    except redis.ConnectionError:
+        return False
 
 
 def _database_urls():
@@ -197,6 +248,8 @@ POSTGRES_INSTEAD = {"test_secrets.py"}
 
 def _dropped(item) -> bool:
     database = getattr(item, "callspec", None) and item.callspec.params.get("database_url")
+    if database == "postgres" and item.callspec.params.get("redis_url") == "acl":
+        return True  # the ACL's test is Redis's: once, on SQLite
     if database == "mariadb":
         return not _on_mariadb_too(item)
     if item.path.name in POSTGRES_INSTEAD:

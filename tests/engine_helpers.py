@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from callguard import service
 from callguard.engine import state
+from callguard.engine.connect import connect
 from callguard.engine.core import shard_of
 from callguard.rating import Rate
+
+from servers import admin_url
 
 T0 = 1_900_000_000_000  # simulated clock, epoch ms
 
@@ -53,3 +56,13 @@ def answered(eng, account, channel, dest, at=T0, direction="outbound"):
 
 def snapshot(app, account):
     return state.account_state(app.redis, app.keys, account)
+
+
+def prefixed_keys(app) -> set[str]:
+    """Every key of this test's prefix. SCAN as an admin: callguard's own ACL user may not
+    list keys (contrib/redis/callguard.acl)."""
+    client = connect(admin_url(app.redis_url))
+    try:
+        return set(client.scan_iter(f"{app.keys.prefix}:*"))
+    finally:
+        client.close()

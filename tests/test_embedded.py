@@ -24,7 +24,7 @@ from sqlalchemy import func, select
 from callguard.books.models import Cdr
 from callguard.cli import cli
 from callguard.config import load_settings
-from callguard.engine.connect import socket_path, stop_embedded
+from callguard.engine.connect import socket_address, socket_path, stop_embedded
 from callguard.service import App
 
 from engine_helpers import T0, setup_plan
@@ -89,7 +89,7 @@ def live_servers(home: Path) -> list[int]:
 
 def answers(home: Path) -> bool:
     try:
-        return redis.Redis(unix_socket_path=str(socket_path(home)), socket_timeout=5,
+        return redis.Redis(unix_socket_path=socket_address(home), socket_timeout=5,
                            retry=Retry(NoBackoff(), 0)).ping()  # no answer is the answer
     except (redis.ConnectionError, FileNotFoundError):
         return False
@@ -310,7 +310,7 @@ def test_old_books_in_the_cwd_are_never_replaced_by_new_empty_ones(tmp_path, hom
     new = xdg / "callguard"
     homes(new)
     homes(old)
-    old.mkdir(parents=True)
+    old.mkdir(parents=True, mode=0o700)
     (old / "callguard.db").write_bytes(b"")  # an install from before
     env = clean_env(XDG_DATA_HOME=str(xdg), HOME=str(tmp_path / "user"))
     refused = callguard(env, "db", "upgrade", cwd=old.parent)
@@ -360,3 +360,68 @@ def test_a_serve_that_cannot_start_leaves_no_server_behind(home):
                                         f"127.0.0.1:{taken.getsockname()[1]}"})
     assert failed.returncode == 1 and "cannot listen for FastAGI" in failed.stderr
     assert started_pids(home) and live_servers(home) == [] and not answers(home)
+
+
+@pytest.mark.parametrize("kind", ["foreign-owned", "world-writable"])
+def test_a_state_directory_another_user_controls_is_refused(tmp_path, homes, kind):
+    """Before anything there is opened or started: a Redis another user planted on the
+    socket path gets no connection, no books are created. One line says what to do."""
+    import socket as sockets
+
+    home = tmp_path / kind
+    homes(home)
+    home.mkdir(mode=0o700)
+    planted = sockets.socket(sockets.AF_UNIX)
+    planted.bind(str(home / "redis.sock"))  # a fake Redis, listening
+    planted.listen()
+    planted.setblocking(False)
+    if kind == "foreign-owned":
+        os.chown(home, 65534, 65534)  # nobody's
+        why = f"the state directory {home} belongs to nobody (uid 65534), not to this user"
+    else:
+        os.chmod(home, 0o1777)  # as /tmp is
+        why = f"the state directory {home} is writable by other users (mode 1777)"
+    env = clean_env(CALLGUARD_HOME=str(home))
+    try:
+        for args in (["db", "upgrade"], ["account", "show", ACCT], ["embedded", "status"],
+                     ["embedded", "stop"]):
+            refused = callguard(env, *args)
+            assert refused.returncode == 1, args
+            [line] = refused.stderr.splitlines()
+            assert line.startswith(f"callguard: {why}"), (args, line)
+            with pytest.raises(BlockingIOError):
+                planted.accept()  # nobody called
+        assert [p.name for p in home.iterdir()] == ["redis.sock"] and not started_pids(home)
+    finally:
+        planted.close()
+        os.chown(home, os.geteuid(), os.getegid())
+        os.chmod(home, 0o700)
+
+
+def test_an_own_state_directory_others_may_read_is_made_private(tmp_path, homes):
+    home = tmp_path / "state"
+    homes(home)
+    home.mkdir(mode=0o755)
+    os.chmod(home, 0o755)  # whatever the umask
+    done = ok(clean_env(CALLGUARD_HOME=str(home)), "db", "upgrade", cwd=tmp_path)
+    assert home.stat().st_mode & 0o777 == 0o700
+    assert f"the state directory {home} was readable by other users (mode 0755): made it " \
+        "0700" in done.stderr
+
+
+def test_a_state_directory_too_long_for_a_socket_path_keeps_the_socket(tmp_path, homes,
+                                                                        procs):
+    """AF_UNIX paths end at 108 bytes: the socket stays in the state directory, reached
+    through an open descriptor of it, never in a shared directory such as /tmp."""
+    home = tmp_path / ("long" * 25) / "state"
+    homes(home)
+    assert len(str(home / "redis.sock")) > 108
+    in_tmp = set(Path("/tmp").glob("callguard-*.sock"))
+    env = clean_env(CALLGUARD_HOME=str(home))
+    command = holder(env, procs)
+    assert (home / "redis.sock").is_socket() and answers(home)
+    st = status(env)
+    assert (st["running"], st["socket"], st["users"]) == (True, str(home / "redis.sock"), 1)
+    assert set(Path("/tmp").glob("callguard-*.sock")) == in_tmp
+    leave(command)
+    assert live_servers(home) == [] and not (home / "redis.sock").exists()

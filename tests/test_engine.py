@@ -7,9 +7,11 @@ import pytest
 from callguard import service, sync
 from callguard.decisions import Reason
 from callguard.engine import state
+from callguard.engine.connect import connect
 from callguard.engine.core import SHARDS, shard_of
 
-from engine_helpers import PREMIUM, T0, postpaid, prepaid, setup_plan, snapshot
+from engine_helpers import PREMIUM, T0, postpaid, prefixed_keys, prepaid, setup_plan, snapshot
+from servers import admin_url
 
 
 @pytest.fixture
@@ -271,7 +273,7 @@ def test_rebuild_after_redis_lost_its_data(app, eng):
     call(eng, "41441234567", "41901234567", "c1", T0, T0 + 10_000)
     sync.drain(app, "w1")
     service.move_money(app, "41441234567", "topup", 5_000_000, "bank-1")
-    for key in app.redis.scan_iter(f"{app.keys.prefix}:*"):
+    for key in prefixed_keys(app):
         app.redis.delete(key)
     assert sync.rebuild(app) == 1
     assert snapshot(app, "41441234567")["balance"] == 54_500_000
@@ -284,7 +286,7 @@ def test_rebuild_after_redis_lost_its_data(app, eng):
 
 def test_rebuild_with_a_topup_landing_meanwhile_applies_it_once(app, eng, monkeypatch):
     prepaid(app, balance=10_000_000)
-    for key in app.redis.scan_iter(f"{app.keys.prefix}:*"):
+    for key in prefixed_keys(app):
         app.redis.delete(key)  # Redis lost its data
     accounts = app.books.list_accounts
 
@@ -414,11 +416,11 @@ def test_a_talking_call_replaced_on_its_channel_is_charged_up_to_then(app, eng):
 
 def test_a_deny_leaves_nothing_in_redis(app, eng):
     prepaid(app, balance=0)
-    before = set(app.redis.scan_iter(f"{app.keys.prefix}:*"))
+    before = prefixed_keys(app)
     for i in range(500):
         d = eng.authorize("41441234567", "41901234567", "outbound", f"flood{i}", now_ms=T0)
         assert d.reason == Reason.NO_FUNDS and d.session == ""
-    assert set(app.redis.scan_iter(f"{app.keys.prefix}:*")) == before
+    assert prefixed_keys(app) == before
     assert all(app.redis.xlen(app.keys.events(n)) == 0 for n in range(SHARDS))
 
 
@@ -514,11 +516,13 @@ def test_plan_change_reaches_a_process_that_guessed_wrong(app, eng):
     assert d.allow and d.maxsec == 50_000  # priced by 'cheap', learnt from Redis's reply
 
 
-@pytest.fixture(params=["single", "cluster"])
+@pytest.fixture(params=["single", "cluster", "acl"])
 def redis_url(request):
-    """The whole engine suite runs on one Redis and on a real 3-master Redis Cluster."""
-    name = "single_redis_url" if request.param == "single" else "cluster_url"
-    return request.getfixturevalue(name)
+    """The whole engine suite runs on one Redis, on a real 3-master Redis Cluster and on a
+    Redis where callguard has only the rights of contrib/redis/callguard.acl (the cluster's
+    nodes load it too)."""
+    return request.getfixturevalue(f"{request.param}_redis_url" if request.param != "cluster"
+                                   else "cluster_url")
 
 
 def test_scripts_are_reloaded_after_redis_forgot_them(app, redis_url, request):
@@ -532,8 +536,10 @@ def test_scripts_are_reloaded_after_redis_forgot_them(app, redis_url, request):
     setup_plan(app)
     prepaid(app)
     if redis_url.startswith("redis+cluster"):
-        for node in app.redis.get_primaries():
-            app.redis.get_redis_connection(node).script_flush()
+        admin = connect(admin_url(redis_url))  # SCRIPT FLUSH: not callguard's to run
+        for node in admin.get_primaries():
+            admin.get_redis_connection(node).script_flush()
+        admin.close()
     else:
         app.redis.script_flush()
     assert app.engine.authorize("41441234567", "41901234567", "outbound", "c1", now_ms=T0).allow

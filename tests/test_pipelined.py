@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import pytest
 import redis
 
+from callguard.books.database import upgrade
+from callguard.engine.connect import connect_async
 from callguard.engine.pipelined import PipelinedRedis, _pack
+from callguard.engine.runner import AsyncEngine
+from callguard.service import App
+
+from engine_helpers import T0, prepaid, setup_plan
 
 
 def test_pack_is_resp():
@@ -45,3 +52,31 @@ def test_unreachable_redis_is_a_connection_error():
             await PipelinedRedis("redis://127.0.0.1:1/0").execute("PING")
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_the_call_path_logs_in_as_callguards_acl_user(acl_redis_url, settings):
+    """serve's two connections (redis-py's asyncio client, and this one for the scripts)
+    authenticate as the `callguard` user of contrib/redis/callguard.acl and set up a call
+    with its rights alone; a key outside its pattern is refused."""
+    app = App(dataclasses.replace(settings, redis_url=acl_redis_url))
+    upgrade(app.books.engine)
+    setup_plan(app)
+    prepaid(app)
+
+    async def scenario():
+        engine = AsyncEngine(connect_async(app.redis_url), app.ops("n1"),
+                             PipelinedRedis(app.redis_url))
+        await engine.warm(connections=1)
+        decision = await engine.authorize("41441234567", "41901234567", "outbound", "c1",
+                                          now_ms=T0)
+        with pytest.raises(redis.ResponseError, match="NOPERM"):
+            await engine.pipelined.execute("GET", "not-callguards")
+        engine.pipelined.close()
+        await engine.client.aclose()
+        return decision
+
+    try:
+        assert asyncio.run(scenario()).allow
+    finally:
+        app.close()

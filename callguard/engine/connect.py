@@ -40,20 +40,24 @@ stopped by the next one-shot command that is its last user.
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import importlib.util
 import logging
 import os
 import shutil
 import socket
+import ssl
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import redis
 import redis.asyncio
 from redis.backoff import NoBackoff
 from redis.retry import Retry
+
+from ..config import ConfigError
+from ..statedir import private_dir
 
 log = logging.getLogger(__name__)
 
@@ -74,22 +78,45 @@ def redis_binary() -> str:
     return found
 
 
+SOCKET = "redis.sock"
+SUN_PATH = 107  # an AF_UNIX path: 108 bytes with its NUL
+
+
 def socket_path(home: Path) -> Path:
-    path = home.resolve() / "redis.sock"
-    if len(str(path)) > 100:  # AF_UNIX paths are limited to 108 bytes
-        digest = hashlib.sha1(str(home.resolve()).encode()).hexdigest()[:12]
-        path = Path(f"/tmp/callguard-{digest}.sock")
-    return path
+    """Where the embedded Redis listens: in the state directory, whatever its length."""
+    return home.resolve() / SOCKET
 
 
-def _answers(path: Path) -> bool:
+_dir_fds: dict[Path, int] = {}  # state directory -> an open descriptor of it
+
+
+def socket_address(home: Path) -> str:
+    """The path this process reaches that socket by: its own, or, when that is too long
+    for AF_UNIX, the same socket through a descriptor of the state directory this process
+    holds open (/proc/self/fd/N/redis.sock: meaningful in this process only). Never a
+    shorter path elsewhere, which another user could take first."""
+    path = socket_path(home)
+    if len(os.fsencode(path)) <= SUN_PATH:
+        return str(path)
+    fd = _dir_fds.get(path.parent)
+    if fd is None or not os.path.samestat(os.fstat(fd), path.parent.stat()):
+        if fd is not None:  # the directory was replaced since
+            os.close(fd)
+        fd = _dir_fds[path.parent] = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY
+                                             | os.O_CLOEXEC)
+    return f"/proc/self/fd/{fd}/{SOCKET}"
+
+
+def _answers(home: Path, ready: bool = False) -> bool:
+    """Whether the embedded Redis runs; `ready`: and has loaded its AOF (until then it
+    answers every command with LOADING)."""
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.settimeout(0.5)
-            s.connect(str(path))
+            s.connect(socket_address(home))
             s.sendall(b"PING\r\n")
             # A server still loading its AOF is running: never start a second one on it.
-            return s.recv(8).startswith((b"+PONG", b"-LOADING"))
+            return s.recv(8).startswith(b"+PONG" if ready else (b"+PONG", b"-LOADING"))
     except OSError:
         return False
 
@@ -119,18 +146,24 @@ def ensure_embedded(home: Path, keep: bool = True) -> str:
     """Join the embedded Redis of this state directory, starting it if nobody has.
     `keep` False: a one-shot command's use (a server it starts is marked for its last
     one-shot user to stop); True: the server stays up after us."""
-    home.mkdir(mode=0o700, parents=True, exist_ok=True)  # the AOF holds the balances
-    sock = socket_path(home)
-    if not keep and _answers(sock):
-        return f"unix://{sock}"
+    private_dir(home)  # the AOF holds the balances; the socket must be ours
+    url = f"unix://{socket_address(home)}"
+    if not keep and _answers(home, ready=True):
+        return url
     with _lock(home / START_LOCK, fcntl.LOCK_EX):  # two starting at once: one server
-        if not _answers(sock):
+        if not _answers(home):
             if not keep:  # before it runs: a command killed while it starts leaves it marked
                 (home / ONE_SHOT).touch()
-            _start(home.resolve(), sock)
+            _start(home.resolve())
         if keep:  # under the lock: a one-shot start cannot mark it after we looked
             (home / ONE_SHOT).unlink(missing_ok=True)
-    return f"unix://{sock}"
+    deadline = time.monotonic() + 60
+    while not _answers(home, ready=True):  # a big AOF takes a while
+        if time.monotonic() > deadline:
+            raise RedisUnavailable(f"the embedded Redis is still loading its data; see "
+                                   f"{home / 'redis.log'}")
+        time.sleep(0.02)
+    return url
 
 
 class EmbeddedUse:
@@ -138,7 +171,7 @@ class EmbeddedUse:
     need be) on creation, left by `release()`. See the module's docstring."""
 
     def __init__(self, home: Path, long_running: bool):
-        home.mkdir(mode=0o700, parents=True, exist_ok=True)  # the AOF holds the balances
+        private_dir(home)  # before its lock files are opened
         self.home, self.long_running = home, long_running
         self._locks = []
         try:
@@ -191,7 +224,8 @@ def _try_lock(fh, mode: int) -> bool:
     return True
 
 
-def _start(home: Path, sock: Path) -> None:
+def _start(home: Path) -> None:
+    sock = socket_path(home)
     try:
         pid = int((home / "redis.pid").read_text())
     except (OSError, ValueError):
@@ -202,7 +236,9 @@ def _start(home: Path, sock: Path) -> None:
                                f"{home / 'redis.log'}")
     sock.unlink(missing_ok=True)
     cmd = [
-        redis_binary(), "--port", "0", "--unixsocket", str(sock), "--unixsocketperm", "700",
+        # The socket's path relative to --dir (the server's working directory): in the
+        # state directory however long its path.
+        redis_binary(), "--port", "0", "--unixsocket", SOCKET, "--unixsocketperm", "700",
         "--dir", str(home), "--appendonly", "yes", "--appendfsync", "everysec", "--save", "",
         "--daemonize", "yes", "--pidfile", str(home / "redis.pid"),
         "--logfile", str(home / "redis.log"),
@@ -210,7 +246,7 @@ def _start(home: Path, sock: Path) -> None:
     log.info("starting embedded Redis on %s", sock)
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, umask=0o077)  # its AOF: ours
     deadline = time.monotonic() + 10
-    while not _answers(sock):
+    while not _answers(home):
         if time.monotonic() > deadline:
             raise RedisUnavailable(f"embedded Redis did not start; see {home / 'redis.log'}")
         time.sleep(0.02)
@@ -220,13 +256,15 @@ def stop_embedded(home: Path) -> bool:
     """Shut the embedded Redis of this state directory down, its append-only file flushed
     and fsynced, and wait until it is gone; False if none was running. Whoever uses it
     loses it: see `stop_unless_serving` for the polite way."""
-    sock = socket_path(home)
+    if not home.is_dir():
+        return False
+    private_dir(home, create=False)
     (home / ONE_SHOT).unlink(missing_ok=True)
-    if not _answers(sock):
+    if not _answers(home):
         return False
     # No retries: the server closing the connection as it exits is the answer, not an
     # error to retry with backoff (redis-py's default: 3 s more per stop).
-    client = redis.Redis(unix_socket_path=str(sock), socket_timeout=30,
+    client = redis.Redis(unix_socket_path=socket_address(home), socket_timeout=30,
                          retry=Retry(NoBackoff(), 0))
     try:
         pid = int(client.info("server")["process_id"])
@@ -239,7 +277,7 @@ def stop_embedded(home: Path) -> bool:
     finally:
         client.close()
     deadline = time.monotonic() + 30
-    while _answers(sock) or (pid and _alive(pid)):
+    while _answers(home) or (pid and _alive(pid)):
         if time.monotonic() > deadline:
             raise RedisUnavailable(f"the embedded Redis (pid {pid}) did not stop; see "
                                    f"{home / 'redis.log'}")
@@ -257,12 +295,12 @@ def stop_unless_serving(home: Path, force: bool = False) -> bool:
     `force`; False if none was running."""
     if not home.is_dir():
         return False
+    private_dir(home, create=False)
     with _lock(home / START_LOCK, fcntl.LOCK_EX):
         serving = _lock(home / SERVING_LOCK, fcntl.LOCK_EX | fcntl.LOCK_NB)
         users = _lock(home / USERS_LOCK, fcntl.LOCK_EX | fcntl.LOCK_NB)
         try:
-            if (serving is None or users is None) and not force and _answers(
-                    socket_path(home)):
+            if (serving is None or users is None) and not force and _answers(home):
                 busy = SERVING_LOCK if serving is None else USERS_LOCK
                 pids = lock_holders(home / busy) or []
                 named = f" (pid {', '.join(map(str, pids))})" if pids else ""
@@ -280,11 +318,12 @@ def stop_unless_serving(home: Path, force: bool = False) -> bool:
 
 def embedded_status(home: Path) -> dict:
     """What `callguard embedded status` shows (never starts anything)."""
-    sock = socket_path(home)
-    running = home.is_dir() and _answers(sock)
+    if home.is_dir():
+        private_dir(home, create=False)
+    running = home.is_dir() and _answers(home)
     pid = None
     if running:
-        client = redis.Redis(unix_socket_path=str(sock), socket_timeout=5)
+        client = redis.Redis(unix_socket_path=socket_address(home), socket_timeout=5)
         try:
             pid = int(client.info("server")["process_id"])
         except redis.RedisError:
@@ -298,7 +337,7 @@ def embedded_status(home: Path) -> dict:
         with _lock(home / START_LOCK, fcntl.LOCK_EX):
             users = _count_holders(home / USERS_LOCK)
             serving = _count_holders(home / SERVING_LOCK)
-    return {"running": running, "pid": pid, "socket": str(sock), "data_dir": str(home),
+    return {"running": running, "pid": pid, "socket": str(socket_path(home)), "data_dir": str(home),
             "log": str(home / "redis.log"), "users": users, "long_running_users": serving,
             "stops_with_last_command": running and (home / ONE_SHOT).exists()}
 
@@ -370,25 +409,80 @@ def is_cluster(url: str) -> bool:
     return _cluster_url(url) is not None
 
 
+@dataclass(frozen=True)
+class RedisTLS:
+    """The PEM files of a rediss:// connection (CALLGUARD_REDIS_TLS_*): the CA the server's
+    certificate must chain to, trusted as well as the system's (None: the system's only),
+    and this client's certificate and key (None: none). The server's certificate and its
+    name are always verified."""
+
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+
+    def context(self) -> ssl.SSLContext:
+        """The client's TLS context, each file loaded here so that a bad one is named."""
+        context = ssl.create_default_context()
+        if self.ca:
+            _load("CALLGUARD_REDIS_TLS_CA", self.ca, context.load_verify_locations, self.ca)
+        if self.cert:
+            _load("CALLGUARD_REDIS_TLS_CERT and _KEY", f"{self.cert}, {self.key}",
+                  context.load_cert_chain, self.cert, self.key)
+        return context
+
+    def options(self, url: str) -> dict:
+        """redis-py's arguments for `url` (none unless it is a rediss:// one); the files are
+        checked first: a bad one is one line naming it, not an error at each connection."""
+        if not url.startswith("rediss"):
+            return {}
+        self.context()
+        return {"ssl_ca_certs": self.ca, "ssl_certfile": self.cert, "ssl_keyfile": self.key,
+                "ssl_cert_reqs": "required", "ssl_check_hostname": True}
+
+
+def _load(name: str, files: str, load, *args) -> None:
+    try:
+        load(*args)
+    except ssl.SSLError as exc:  # "NO_CERTIFICATE_OR_CRL_FOUND", "KEY_VALUES_MISMATCH"
+        reason = (exc.reason or "not PEM").lower().replace("_", " ")
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+    else:
+        return
+    raise ConfigError(f"{name} ({files}): cannot use it: {reason}")
+
+
+NO_TLS = RedisTLS()
+
 # The blocking client is used off the call path (CLI, worker, sweeps); a Redis that is
 # black-holed must not hang it, nor a SQL lock it holds meanwhile.
 TIMEOUTS = {"socket_timeout": 5.0, "socket_connect_timeout": 2.0}
 
 
-def connect(url: str):
+def connect(url: str, tls: RedisTLS = NO_TLS):
+    """The blocking client every callguard process uses for `url`."""
     cluster = _cluster_url(url)
     if cluster:
-        return redis.RedisCluster.from_url(cluster, decode_responses=True, **TIMEOUTS)
+        try:  # it asks a node for the slots at once
+            return redis.RedisCluster.from_url(cluster, decode_responses=True,
+                                               **tls.options(cluster), **TIMEOUTS)
+        except redis.exceptions.RedisClusterException as exc:  # not a RedisError
+            raise redis.ConnectionError(str(exc)) from None
     return redis.Redis.from_url(url, decode_responses=True, health_check_interval=30,
-                                **TIMEOUTS)
+                                **tls.options(url), **TIMEOUTS)
 
 
-def connect_async(url: str, max_connections: int = 64, wait: float = 1.0):
+def connect_async(url: str, max_connections: int = 64, wait: float = 1.0,
+                  tls: RedisTLS = NO_TLS):
+    """The asyncio client of `serve` (the call path's scripts may go through a
+    PipelinedRedis beside it, with the same `tls`)."""
     cluster = _cluster_url(url)
     if cluster:
-        return redis.asyncio.RedisCluster.from_url(cluster, decode_responses=True)
+        return redis.asyncio.RedisCluster.from_url(cluster, decode_responses=True,
+                                                   **tls.options(cluster))
     # A burst beyond the pool waits for a free connection (within the caller's budget)
     # instead of failing at once with "Too many connections".
     pool = redis.asyncio.BlockingConnectionPool.from_url(
-        url, decode_responses=True, max_connections=max_connections, timeout=wait)
+        url, decode_responses=True, max_connections=max_connections, timeout=wait,
+        **tls.options(url))
     return redis.asyncio.Redis(connection_pool=pool)

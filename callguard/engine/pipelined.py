@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import ssl
 from urllib.parse import unquote, urlsplit
 
 import hiredis
 import redis
+
+from .connect import NO_TLS, RedisTLS
 
 
 def _pack(*parts) -> bytes:
@@ -56,7 +57,7 @@ class _Protocol(asyncio.Protocol):
 class PipelinedRedis:
     """One connection to a single Redis (redis://, rediss://, unix://)."""
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, tls: RedisTLS = NO_TLS):
         parts = urlsplit(url)
         if parts.scheme not in ("redis", "rediss", "unix"):
             raise ValueError(f"not a single-node Redis URL: {parts.scheme}://")
@@ -68,6 +69,7 @@ class PipelinedRedis:
         db = parts.path.strip("/") if parts.scheme != "unix" else ""
         query = dict(p.split("=", 1) for p in parts.query.split("&") if "=" in p)
         self.db = int(query.get("db") or db or 0)
+        self.tls = tls.context() if parts.scheme == "rediss" else None
         self._protocol: _Protocol | None = None
         self._lock = asyncio.Lock()
 
@@ -86,11 +88,11 @@ class PipelinedRedis:
             if self.scheme == "unix":
                 _, protocol = await loop.create_unix_connection(_Protocol, self.path)
             else:
-                context = ssl.create_default_context() if self.scheme == "rediss" else None
                 _, protocol = await loop.create_connection(_Protocol, self.host, self.port,
-                                                           ssl=context)
-        except OSError as exc:
-            raise redis.ConnectionError(f"cannot connect to Redis: {exc}") from None
+                                                           ssl=self.tls)
+        except OSError as exc:  # ssl.SSLError too: the server's certificate refused
+            where = self.path if self.scheme == "unix" else f"{self.host}:{self.port}"
+            raise redis.ConnectionError(f"cannot connect to Redis at {where}: {exc}") from None
         if self.password:
             auth = (self.username, self.password) if self.username else (self.password,)
             await self._call(protocol, "AUTH", *auth)
