@@ -53,8 +53,8 @@ class Settings:
     # the limits below off.
     ghost_seconds: int = 3
     unconfirmed_per_account: int = 10  # such setups an account may hold at once
-    unconfirmed_rate_per_peer: int = 100  # such setups a second from one address
-    unconfirmed_burst_per_peer: int = 200
+    unconfirmed_rate_per_peer: int = 1000  # such setups a second from one address
+    unconfirmed_burst_per_peer: int = 2000
 
     @property
     def sql_url(self) -> str:
