@@ -50,6 +50,8 @@ log = logging.getLogger(__name__)
 REDIS_ERRORS = (redis.RedisError, OSError)
 ENDED_KEPT = 4096  # hangups of untracked channels remembered: far more than setups in flight
 LIST_EVERY = 1.0  # seconds: the PBX's channel list is asked at most this often for suspects
+# Denials that suspects holding the account's money or channels may have caused.
+CROWDED = (Reason.NO_FUNDS, Reason.CHANNEL_LIMIT, Reason.VELOCITY_LIMIT)
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,19 +238,22 @@ class CallControl:
                                          blind=not supervised)
         if isinstance(call, Decision):
             return call
-        budget, waited, suspect = s.agi_budget_ms / 1000, 0.0, False
+        budget, suspect = s.agi_budget_ms / 1000, False
+        ends = perf_counter() + budget
         if s.ghost_seconds and not (supervised and channel_id in self.supervisor.sighted):
             # The PBX has not vouched for this channel (it cannot while out of sight).
-            admitted, waited = await self._admit(account, channel_id, peer, supervised,
-                                                 budget / 2)
-            if not admitted:
+            if not await self._admit(account, channel_id, peer, supervised, budget / 2):
                 return denied(Reason.RATE_LIMIT)
             suspect = supervised and channel_id not in self.supervisor.sighted
         if suspect:
             self._admitting[account] += 1  # counted against the account until tracked
         try:
-            async with asyncio.timeout(budget - waited):
+            async with asyncio.timeout(ends - perf_counter()):
                 decision = await self.engine.run(call)
+                if not decision.allow and decision.reason in CROWDED and not suspect and \
+                        supervised and self.supervisor.suspects[account] and \
+                        await self._free_ghosts(account, (ends - perf_counter()) / 2):
+                    decision = await self.engine.run(call)  # the ghosts' share is back
         except (TimeoutError, *REDIS_ERRORS) as exc:
             self.warn_unavailable("authorize %s: no answer from Redis within %d ms (%s)",
                                   account, s.agi_budget_ms, str(exc) or type(exc).__name__)
@@ -301,24 +306,23 @@ class CallControl:
         return decision
 
     async def _admit(self, account: str, channel_id: str, peer: str, supervised: bool,
-                     wait: float) -> tuple[bool, float]:
-        """Whether a setup for a channel the PBX has not reported may go on to Redis, and
-        how long it waited (ghosts.py): within its peer's rate and its account's suspects
-        at once; else once an event names its channel within `wait` seconds."""
+                     wait: float) -> bool:
+        """Whether a setup for a channel the PBX has not reported may go on to Redis
+        (ghosts.py): within its peer's rate and its account's suspects at once; else once
+        an event names its channel within `wait` seconds."""
         s = self.settings
         key = peer_key(peer)
         held = self.supervisor.suspects[account] + self._admitting[account]
         if (not supervised or held < s.unconfirmed_per_account) and \
                 self.peer_buckets.take(key, time.monotonic()):
-            return True, 0.0
-        started = perf_counter()
+            return True
         if supervised:
             waiter = asyncio.get_running_loop().create_future()
             waiters = self._sighting.setdefault(channel_id, [])
             waiters.append(waiter)
             try:
                 await asyncio.wait_for(waiter, wait)
-                return True, perf_counter() - started
+                return True
             except TimeoutError:
                 pass
             finally:
@@ -330,7 +334,27 @@ class CallControl:
                         "denied (RATE_LIMIT)", self.pbx.name, peer, self.pbx.name,
                         s.unconfirmed_per_account, account, s.unconfirmed_rate_per_peer,
                         key=key)
-        return False, perf_counter() - started
+        return False
+
+    async def _free_ghosts(self, account: str, timeout: float) -> bool:
+        """A call the PBX reported was denied while suspects hold some of its account's
+        money or channels: check them now, if the PBX lists its channels within `timeout`
+        (and none was asked for within LIST_EVERY); True once ghosts gave theirs back."""
+        if time.monotonic() - self._listed_at < LIST_EVERY:
+            return False
+        self._listed_at = time.monotonic()
+        suspects = [t.session for t in self.supervisor.sessions.values()
+                    if t.suspect and t.account == account]
+        try:
+            alive = await asyncio.wait_for(self.pbx.live_channels(), timeout)
+        except Exception:  # noqa: BLE001 - too slow, or the link's own errors: deny as is
+            return False
+        actions = self.supervisor.judge(suspects, alive)
+        freed = [self._ghost(a) for a in actions if isinstance(a, Ghost)]
+        await self.execute([a for a in actions if not isinstance(a, Ghost)])
+        if freed:
+            await asyncio.wait(freed, timeout=timeout)  # their money and channels are back
+        return bool(freed)
 
     async def _release_later(self, account: str, channel_id: str) -> None:
         try:
@@ -423,11 +447,13 @@ class CallControl:
                                                    resumed))
 
     def _commit_soon(self, session: str, cause: str, mode: str, end_ms: int | None,
-                     answered_ms: int | None = None, talk_ms: int | None = None) -> None:
+                     answered_ms: int | None = None, talk_ms: int | None = None
+                     ) -> asyncio.Task:
         self._committing.add(session)
         task = self.spawn(self._commit(session, cause, mode, end_ms, self.redis_ms(),
                                        answered_ms, talk_ms))
         task.add_done_callback(lambda _: self._committing.discard(session))
+        return task
 
     async def _commit(self, session: str, cause: str, mode: str, end_ms: int | None,
                       seen_ms: int, answered_ms: int | None = None,
@@ -500,14 +526,14 @@ class CallControl:
                     unreported[0], self.settings.ghost_seconds)
             await self.execute(self.supervisor.judge(due, alive))
 
-    def _ghost(self, ghost: Ghost) -> None:
+    def _ghost(self, ghost: Ghost) -> asyncio.Task:
         """Free what a ghost holds, the way a call that never answered is freed."""
         self.metrics.ghosts.inc()
         account, channel_id, _ = ghost.session.split("/")
         self.warn_ghost("ghost session from %s for account %s: %s never reported channel %s "
                         "(no event, not in its channel list); released", ghost.peer, account,
                         self.pbx.name, channel_id, key=peer_key(ghost.peer))
-        self._commit_soon(ghost.session, "ghost", "release", None)
+        return self._commit_soon(ghost.session, "ghost", "release", None)
 
     async def _cut(self, session: str, channel: str, cause: int = CUTOFF_CAUSE) -> None:
         cut_ms = self.redis_ms()

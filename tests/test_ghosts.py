@@ -168,3 +168,26 @@ def test_fakes_over_a_limit_are_denied_while_reported_calls_go_through(plan, pbx
     assert sorted(fakes) == ["ALLOW/OK"] * 2 + ["DENY/RATE_LIMIT"] * 4
     assert reserved == 2 * HOLD
     assert [c.reason for c in calls] == ["OK"] * 3
+
+
+@PBXS
+@pytest.mark.parametrize("crowded", ["channels", "money"])
+def test_a_reported_call_that_ghosts_crowd_out_frees_them_at_once(app, pbx, crowded):
+    """Fakes take every channel (or all the money) of a small account: the next call the
+    PBX reports is denied by Redis, the account's suspects are checked at once, and it
+    goes through in the same setup."""
+    setup_plan(app)
+    prepaid(app, ACCT, balance=2 * HOLD if crowded == "money" else 50_000_000,
+            max_channels=2 if crowded == "channels" else 0)
+
+    async def scenario():
+        async with pbx.rig(app) as (sim, [adapter]):
+            await logged_in(pbx, sim)
+            assert [await pbx.fake(sim) for _ in range(3)] == ["ALLOW/OK"] * 2 + [
+                "DENY/" + ("CHANNEL_LIMIT" if crowded == "channels" else "NO_FUNDS")]
+            call = await sim.call(ACCT, PREMIUM, ring=0.01, talk=0.01)
+            return call, adapter
+
+    call, adapter = run(scenario())
+    assert call.reason == "OK"
+    assert ghosts(adapter) == 2
