@@ -184,10 +184,10 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=256,
                         help="fake sessions open at once (256)")
     parser.add_argument("--balance", type=int, default=100, help="the account's CHF (100)")
-    parser.add_argument("--real-every", type=float, default=0.1,
-                        help="seconds between real calls (0.1)")
-    parser.add_argument("--ring", type=float, default=1.0,
-                        help="seconds each real call rings before it hangs up (1)")
+    parser.add_argument("--real-every", type=float, default=0.2,
+                        help="seconds between real calls (0.2)")
+    parser.add_argument("--ring", type=float, default=0.5,
+                        help="seconds each real call rings before it hangs up (0.5)")
     parser.add_argument("--after", type=float, default=8.0,
                         help="seconds of real calls after the flood (8)")
     parser.add_argument("--off", action="store_true",

@@ -85,6 +85,13 @@ async def logged_in(pbx, sim) -> None:
     await until(lambda: pbx.lists(sim) == 1, "the reconcile after the login")
 
 
+def billed(app, calls) -> bool:
+    """The account paid for the calls' talk time (to the second: PBX time runs fast)."""
+    charged = 50_000_000 - snapshot(app, ACCT)["balance"]
+    return abs(charged - sum(RATE.cost(int(c.talk_seconds)) for c in calls)) <= \
+        RATE.cost(1) * len(calls)
+
+
 def ghosts(adapter) -> float:
     return adapter.metrics.registry.get_sample_value(
         "callguard_ghost_sessions_total", {"pbx": adapter.metrics.pbx})
@@ -112,7 +119,7 @@ def test_a_setup_the_pbx_never_reports_is_released_and_a_real_call_is_not(plan, 
     call, adapter = run(scenario())
     assert call.allowed and call.talk_seconds > 0
     assert snapshot(plan, ACCT)["reserved"] == 0
-    assert 50_000_000 - snapshot(plan, ACCT)["balance"] == RATE.cost(int(call.talk_seconds))
+    assert billed(plan, [call])
     assert ghosts(adapter) == 1
     [line] = [r.getMessage() for r in caplog.records if "ghost session" in r.getMessage()]
     assert "from 127.0.0.1" in line and f"account {ACCT}" in line
@@ -144,8 +151,7 @@ def test_calls_reported_just_after_their_setup_are_no_ghosts(plan, pbx):
     assert [c.reason for c in calls] == ["OK", "OK"]
     assert all(c.talk_seconds >= 9 for c in calls)
     assert snapshot(plan, ACCT)["reserved"] == 0
-    assert 50_000_000 - snapshot(plan, ACCT)["balance"] == sum(
-        RATE.cost(int(c.talk_seconds)) for c in calls)
+    assert billed(plan, calls)
 
 
 @PBXS
