@@ -80,14 +80,15 @@ class Sampler(threading.Thread):
     def _check(self, now: float) -> None:
         with self.lock:
             pending = list(self.pending.items())
-        self.most_fakes = max(self.most_fakes, len(pending))
         if not pending:
             return
         pipe = self.client.pipeline(transaction=False)
         for session, _ in pending:
             account, channel, _n = session.split("/")
             pipe.hget(self.keys.session(account, channel), "st")
-        for (session, at), state in zip(pending, pipe.execute(), strict=True):
+        states = pipe.execute()
+        self.most_fakes = max(self.most_fakes, states.count("auth"))
+        for (session, at), state in zip(pending, states, strict=True):
             if state != "auth":
                 with self.lock:
                     self.pending.pop(session, None)

@@ -52,6 +52,7 @@ ENDED_KEPT = 4096  # hangups of untracked channels remembered: far more than set
 LIST_EVERY = 1.0  # seconds: the PBX's channel list is asked at most this often for suspects
 # Denials that suspects holding the account's money or channels may have caused.
 CROWDED = (Reason.NO_FUNDS, Reason.CHANNEL_LIMIT, Reason.VELOCITY_LIMIT)
+CROWDED_FOR = 60.0  # seconds an account so crowded admits no suspect at all
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +120,7 @@ class CallControl:
         self._due_checks: set[str] = set()  # suspects whose check is due
         self._checking: asyncio.Task | None = None
         self._listed_at = float("-inf")
+        self._crowded: dict[str, float] = {}  # account -> until when it admits no suspect
         self.failed = asyncio.Event()  # the process must stop (its identity was taken)
         self._offset_ms = 0  # Redis clock minus ours, learned from the scripts' replies
         self._wake = asyncio.Event()
@@ -312,9 +314,10 @@ class CallControl:
         an event names its channel within `wait` seconds."""
         s = self.settings
         key = peer_key(peer)
+        now = time.monotonic()
         held = self.supervisor.suspects[account] + self._admitting[account]
-        if (not supervised or held < s.unconfirmed_per_account) and \
-                self.peer_buckets.take(key, time.monotonic()):
+        room = 0 if self._crowded.get(account, 0.0) > now else s.unconfirmed_per_account
+        if (not supervised or held < room) and self.peer_buckets.take(key, now):
             return True
         if supervised:
             waiter = asyncio.get_running_loop().create_future()
@@ -338,9 +341,14 @@ class CallControl:
 
     async def _free_ghosts(self, account: str, timeout: float) -> bool:
         """A call the PBX reported was denied while suspects hold some of its account's
-        money or channels: check them now, if the PBX lists its channels within `timeout`
+        money or channels: from now on (for CROWDED_FOR) the account admits no suspect,
+        and those it holds are checked now, if the PBX lists its channels within `timeout`
         (and none was asked for within LIST_EVERY); True once ghosts gave theirs back."""
-        if time.monotonic() - self._listed_at < LIST_EVERY:
+        now = time.monotonic()
+        if len(self._crowded) >= 4096:
+            self._crowded = {a: t for a, t in self._crowded.items() if t > now}
+        self._crowded[account] = now + CROWDED_FOR
+        if now - self._listed_at < LIST_EVERY:
             return False
         self._listed_at = time.monotonic()
         suspects = [t.session for t in self.supervisor.sessions.values()
