@@ -374,7 +374,7 @@ class CallControl:
     # -- what the PBX reports ------------------------------------------------------------
     def seen(self, channel_id: str) -> None:
         """The PBX's event link named the channel (any event): a call, not a ghost."""
-        if not self.settings.ghost_seconds:
+        if not channel_id or not self.settings.ghost_seconds:
             return
         session = self.supervisor.seen(channel_id)
         if session:
