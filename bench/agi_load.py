@@ -203,7 +203,7 @@ class Generator:
     """Starts one call at each scheduled time; never waits for an earlier call."""
 
     def __init__(self, args, target: str, port: int | None, accounts: list[str],
-                 engine=None):
+                 engine=None, pbx: common.ThreadedAsterisk | None = None):
         from callguard.simulator.asterisk import SimulatedAsterisk
 
         self.args = args
@@ -212,6 +212,8 @@ class Generator:
         self.accounts = accounts or ["41440000000"]
         self.sim = SimulatedAsterisk(agi_port=port or 0)  # for its header format only
         self.engine = engine  # redis target
+        self.pbx = pbx  # the AMI peer: announces each channel (Newchannel) as it is placed
+        self.created: list[bytes] = []  # Newchannel events of this tick's calls
         self.base = int(time.time())
         self.seq = 0
         self.drop_sessions = None  # set when the bench owns the accounts
@@ -223,6 +225,8 @@ class Generator:
             channel=f"PJSIP/bench-{self.seq:08x}", uniqueid=f"{self.base}.{self.seq}",
             account=self.accounts[self.seq % len(self.accounts)], exten=common.PREMIUM_NUMBER)
         self.placed.append(call)
+        if self.pbx:
+            self.created.append(self.sim._event("Newchannel", call, state="Ring"))
         return self.sim.agi_headers(call, HEADERS_SCRIPT)
 
     async def _connect(self, proto: AGICall) -> None:
@@ -281,6 +285,10 @@ class Generator:
                 pending_tasks.add(task)
                 task.add_done_callback(pending_tasks.discard)
                 i += 1
+            if self.created:
+                # Asterisk's Newchannel of each channel, racing its FastAGI connection.
+                self.pbx.announce(b"".join(self.created))
+                self.created = []
         schedule_end = time.perf_counter()
         return await finish_run(stats, pending_tasks, rate, duration, total, t0, wall0,
                                 schedule_end, cpu0)
@@ -493,7 +501,7 @@ def main() -> int:
                 engine = AsyncEngine(connect_async(env.redis_url), env.app.ops(), pipelined)
 
             gen = Generator(args, args.target, server.port if server else None,
-                            env.accounts if env else [], engine)
+                            env.accounts if env else [], engine, pbx)
             if env.accounts:
                 gen.drop_sessions = (lambda: end_calls(gen, env, pbx)) if pbx else \
                     env.drop_sessions

@@ -371,6 +371,17 @@ class ThreadedPeer:
         """Event-link sessions that logged in and listen for events."""
         return len(self.sim._listeners)
 
+    def announce(self, data: bytes) -> None:
+        """Write event bytes (the channel-creation events of calls a load generator is about
+        to place, as the PBX sends them) to every listener, without waiting: from the
+        peer's thread, so they race the call setups as a real PBX's do."""
+        def write():
+            for writer in list(self.sim._listeners):
+                if not writer.is_closing():
+                    writer.write(data)
+
+        self.loop.call_soon_threadsafe(write)
+
     def stop(self) -> None:
         try:
             self._call(self.sim.stop(), timeout=10)

@@ -113,6 +113,7 @@ class FrameTemplates:
     the extras of each kind. Filling one is a join, not ~100 url_encodes."""
 
     EXTRAS = {
+        "CHANNEL_CREATE": {},
         "CHANNEL_PARK": {},
         "CHANNEL_EXECUTE": {"Application": _ph("app"), "Application-Data": _ph("arg"),
                             "Application-UUID": _ph("auuid")},
@@ -222,8 +223,8 @@ class FrameTemplates:
         theirs = sim._connect_reply(channel, ["async", "full"])
         same("connect", self.fill("connect", {**self.values(channel), **fields(theirs)}),
              theirs)
-        for kind in ("CHANNEL_PARK", "CHANNEL_EXECUTE", "CHANNEL_EXECUTE_COMPLETE",
-                     "CHANNEL_ANSWER", "CHANNEL_HANGUP_COMPLETE"):
+        for kind in ("CHANNEL_CREATE", "CHANNEL_PARK", "CHANNEL_EXECUTE",
+                     "CHANNEL_EXECUTE_COMPLETE", "CHANNEL_ANSWER", "CHANNEL_HANGUP_COMPLETE"):
             if kind == "CHANNEL_ANSWER":
                 channel.answered_at, channel.state = sim.clock.monotonic() - 1.0, "answered"
             extra = {}
@@ -423,8 +424,10 @@ def tcp_counters() -> dict[str, int]:
 class Generator:
     """Starts one `socket` connection at each scheduled time; never waits for one."""
 
-    def __init__(self, args, port: int, accounts: list[str]):
+    def __init__(self, args, port: int, accounts: list[str],
+                 peer: common.ThreadedFreeSWITCH | None = None):
         self.args = args
+        self.peer = peer  # the inbound ESL peer: sends each channel's CHANNEL_CREATE
         self.port = port
         self.accounts = accounts or ["41440000000"]
         self.templates = FrameTemplates()
@@ -467,6 +470,7 @@ class Generator:
         t0 = time.perf_counter() + 0.05
         stats.first_scheduled = t0
         i = 0
+        created: list[bytes] = []
         while i < total:
             now = time.perf_counter()
             due = t0 + i * interval
@@ -477,6 +481,8 @@ class Generator:
             while i < total and t0 + i * interval <= now:
                 scheduled = t0 + i * interval
                 values, channel = self.new_call()
+                if self.peer:
+                    created.append(self.templates.event("CHANNEL_CREATE", values))
                 launched = time.perf_counter()
                 stats.lag.append(launched - scheduled)
                 proto = ESLCall(self, stats, scheduled, launched, values, channel)
@@ -485,6 +491,10 @@ class Generator:
                 pending_tasks.add(task)
                 task.add_done_callback(pending_tasks.discard)
                 i += 1
+            if created:
+                # FreeSWITCH's CHANNEL_CREATE of each channel, racing its socket connection.
+                self.peer.announce(b"".join(created))
+                created = []
         schedule_end = time.perf_counter()
         result = await finish_run(stats, pending_tasks, rate, duration, total, t0, wall0,
                                   schedule_end, cpu0)
@@ -662,7 +672,7 @@ def main() -> int:
                       f"(prefix {env.prefix})")
                 peer = common.ThreadedFreeSWITCH()
             server = start_target(args, env, peer)
-            gen = Generator(args, server.port, env.accounts)
+            gen = Generator(args, server.port, env.accounts, peer)
             if peer is not None:
                 gen.drop_sessions = lambda: end_calls(gen, env, peer)
             else:

@@ -24,6 +24,7 @@ if [ "${2:-}" = "--quick" ]; then
   run quick-findmax $PY bench/agi_load.py --quick --find-max
   run quick-supervise $PY bench/supervise.py --quick
   run quick-scale $PY bench/scale.py --quick
+  run quick-ghosts $PY bench/ghosts.py --quick --pin
   exit 0
 fi
 run callguard-1000 $PY bench/agi_load.py --target callguard --rate 1000 --duration 20 --runs 3
@@ -38,3 +39,5 @@ run fraud $PY bench/fraud.py --runs 5
 run fraud-crash $PY bench/fraud.py --crash-at 30
 run fraud-e2e $PY bench/fraud.py --e2e
 run scale $PY bench/scale.py
+run ghosts $PY bench/ghosts.py --pin
+run ghosts-off $PY bench/ghosts.py --pin --off

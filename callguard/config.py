@@ -65,6 +65,13 @@ class Settings:
     esl_allow: tuple[str, ...] = ("127.0.0.0/8", "::1/128")  # who may open outbound ESL
     agi_budget_ms: int = 300  # every FastAGI request is answered within this
     fail_open_grant: int = 60  # seconds granted under fail_open when Redis is down
+    # Ghost sessions (README, "Ghost sessions"): a setup for a channel the PBX has not
+    # reported is checked against its channel list this long after; 0 turns the check and
+    # the limits below off.
+    ghost_seconds: int = 3
+    unconfirmed_per_account: int = 10  # such setups an account may hold at once
+    unconfirmed_rate_per_peer: int = 1000  # such setups a second from one address
+    unconfirmed_burst_per_peer: int = 2000
 
     @property
     def sql_url(self) -> str:
@@ -77,7 +84,10 @@ class Settings:
             raise ConfigError("quota seconds must be between 1 and 3600")
         for name, low, high in (("ring_seconds", 1, 3600), ("grace_seconds", 0, 60),
                                 ("stale_grace_seconds", 0, 3600), ("agi_budget_ms", 1, 60000),
-                                ("fail_open_grant", 1, 3600)):
+                                ("fail_open_grant", 1, 3600), ("ghost_seconds", 0, 60),
+                                ("unconfirmed_per_account", 0, 100000),
+                                ("unconfirmed_rate_per_peer", 1, 1000000),
+                                ("unconfirmed_burst_per_peer", 1, 1000000)):
             if not low <= getattr(self, name) <= high:
                 raise ConfigError(f"{name.replace('_', ' ')} must be between {low} and {high}")
         if self.node is not None and not NODE_NAME.fullmatch(self.node):
@@ -119,7 +129,8 @@ _ENV = {f.name: "CALLGUARD_" + f.name.upper() for f in fields(Settings)}
 _ENV["home"] = "CALLGUARD_HOME"
 _INTS = {
     "quota_seconds", "grace_seconds", "ring_seconds", "stale_grace_seconds", "agi_budget_ms",
-    "fail_open_grant",
+    "fail_open_grant", "ghost_seconds", "unconfirmed_per_account", "unconfirmed_rate_per_peer",
+    "unconfirmed_burst_per_peer",
 }
 
 

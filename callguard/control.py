@@ -30,15 +30,30 @@ from .engine import state
 from .engine.connect import connect_async, is_cluster
 from .engine.pipelined import PipelinedRedis
 from .engine.runner import AsyncEngine
+from .ghosts import PeerBuckets, peer_key
 from .logs import Throttled
 from .metrics import ServeMetrics
-from .supervision import CallState, Extend, Hangup, PushDeadline, Release, Supervisor
+from .supervision import (
+    Answer,
+    CallState,
+    Extend,
+    Ghost,
+    Hangup,
+    PushDeadline,
+    Release,
+    Supervisor,
+    Verify,
+)
 
 log = logging.getLogger(__name__)
 
 # An asyncio Redis Cluster none of whose nodes answers raises a RedisClusterException.
 REDIS_ERRORS = (redis.RedisError, redis.exceptions.RedisClusterException, OSError)
 ENDED_KEPT = 4096  # hangups of untracked channels remembered: far more than setups in flight
+LIST_EVERY = 1.0  # seconds: the PBX's channel list is asked at most this often for suspects
+# Denials that suspects holding the account's money or channels may have caused.
+CROWDED = (Reason.NO_FUNDS, Reason.CHANNEL_LIMIT, Reason.VELOCITY_LIMIT)
+CROWDED_FOR = 60.0  # seconds an account so crowded admits no suspect at all
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +112,17 @@ class CallControl:
         self.warn_plans = Throttled(log, interval=10.0)
         self.log_denied = Throttled(log, logging.INFO)
         self.log_cut = Throttled(log, logging.INFO)
+        # Ghosts and the setups their limits deny: a line every 10 s per peer at most.
+        self.warn_ghost = Throttled(log, interval=10.0, max_templates=256)
+        self.warn_list = Throttled(log, interval=10.0)
+        self.warn_unreported = Throttled(log, interval=600.0)
+        self.peer_buckets = PeerBuckets(s.unconfirmed_rate_per_peer, s.unconfirmed_burst_per_peer)
+        self._admitting: collections.Counter = collections.Counter()  # suspects in authorize
+        self._sighting: dict[str, list[asyncio.Future]] = {}  # setups waiting for an event
+        self._due_checks: set[str] = set()  # suspects whose check is due
+        self._checking: asyncio.Task | None = None
+        self._listed_at = float("-inf")
+        self._crowded: dict[str, float] = {}  # account -> until when it admits no suspect
         self.failed = asyncio.Event()  # the process must stop (its identity was taken)
         self._offset_ms = 0  # Redis clock minus ours, learned from the scripts' replies
         self._wake = asyncio.Event()
@@ -136,6 +162,10 @@ class CallControl:
                        "(summed over accounts whatever their currency)",
                        lambda: [(pbx, sum(t.hold for t in list(self.supervisor.sessions.values()))
                                  / 1_000_000)], ("pbx",))
+        readings.gauge("callguard_unconfirmed_sessions",
+                       "Live sessions whose channel the PBX has not reported yet (ghost "
+                       "suspects)",
+                       lambda: [(pbx, sum(self.supervisor.suspects.copy().values()))], ("pbx",))
         readings.gauge("callguard_pbx_link_up", "1 while the PBX event link is logged in",
                        lambda: [(pbx, int(self.pbx.supervising))], ("pbx",))
         readings.counter("callguard_pbx_link_reconnects", "Logins to the PBX after the first",
@@ -184,17 +214,20 @@ class CallControl:
 
     # -- authorize --------------------------------------------------------------------
     async def authorize(self, account: str, destination: str, direction: str,
-                        channel_id: str, channel: str) -> Decision:
-        """The answer to one call setup, within the budget; never raises."""
+                        channel_id: str, channel: str, peer: str = "") -> Decision:
+        """The answer to one call setup from the address `peer`, within the budget; never
+        raises."""
         started = perf_counter()
-        decision = await self._decide(account, destination, direction, channel_id, channel)
+        decision = await self._decide(account, destination, direction, channel_id, channel,
+                                      peer)
         self.metrics.setup(decision.allow, decision.reason, perf_counter() - started)
         if not decision.allow:
             self.log_denied("denied %s call of %s to %s: %s", direction, account, destination,
                             decision.reason.value)
         return decision
 
-    async def _decide(self, account, destination, direction, channel_id, channel) -> Decision:
+    async def _decide(self, account, destination, direction, channel_id, channel,
+                      peer) -> Decision:
         s = self.settings
         if not self.identity:
             return self._unavailable()  # Redis was away since the start
@@ -209,9 +242,22 @@ class CallControl:
                                          blind=not supervised)
         if isinstance(call, Decision):
             return call
+        budget, suspect = s.agi_budget_ms / 1000, False
+        ends = perf_counter() + budget
+        if s.ghost_seconds and not (supervised and channel_id in self.supervisor.sighted):
+            # The PBX has not vouched for this channel (it cannot while out of sight).
+            if not await self._admit(account, channel_id, peer, supervised, budget / 2):
+                return denied(Reason.RATE_LIMIT)
+            suspect = supervised and channel_id not in self.supervisor.sighted
+        if suspect:
+            self._admitting[account] += 1  # counted against the account until tracked
         try:
-            async with asyncio.timeout(s.agi_budget_ms / 1000):
+            async with asyncio.timeout(ends - perf_counter()):
                 decision = await self.engine.run(call)
+                if not decision.allow and decision.reason in CROWDED and not suspect and \
+                        supervised and self.supervisor.suspects[account] and \
+                        await self._free_ghosts(account, (ends - perf_counter()) / 2):
+                    decision = await self.engine.run(call)  # the ghosts' share is back
         except (TimeoutError, *REDIS_ERRORS) as exc:
             self.warn_unavailable("authorize %s: no answer from Redis within %d ms (%s)",
                                   account, s.agi_budget_ms, str(exc) or type(exc).__name__)
@@ -221,6 +267,11 @@ class CallControl:
         except Exception:
             log.exception("authorize failed")
             return self._unavailable()
+        finally:
+            if suspect:
+                self._admitting[account] -= 1
+                if self._admitting[account] <= 0:
+                    del self._admitting[account]
         if not decision.allow:
             return decision
         if supervised:
@@ -237,8 +288,12 @@ class CallControl:
                                 "most, supervised again once it is back", self.pbx.name,
                                 deadline)
         now = self.clock.monotonic()
+        # Still unreported by the PBX: checked against its channel list soon (a PBX out of
+        # sight cannot be asked; the reconcile after its next login checks every session).
+        verify_at = now + s.ghost_seconds if s.ghost_seconds and supervised else None
         self.supervisor.track(decision.session, channel_id, channel,
-                              now + deadline + s.grace_seconds).hold = decision.hold
+                              now + deadline + s.grace_seconds, verify_at, peer).hold = \
+            decision.hold
         self._wake.set()  # its expiry is a timer: the loop may be asleep with none
         ended = self._ended.pop(channel_id, None)
         if ended:
@@ -254,6 +309,63 @@ class CallControl:
                                 decision.grant)
         return decision
 
+    async def _admit(self, account: str, channel_id: str, peer: str, supervised: bool,
+                     wait: float) -> bool:
+        """Whether a setup for a channel the PBX has not reported may go on to Redis
+        (ghosts.py): within its peer's rate and its account's suspects at once; else once
+        an event names its channel within `wait` seconds."""
+        s = self.settings
+        key = peer_key(peer)
+        now = time.monotonic()
+        held = self.supervisor.suspects[account] + self._admitting[account]
+        room = 0 if self._crowded.get(account, 0.0) > now else s.unconfirmed_per_account
+        if (not supervised or held < room) and self.peer_buckets.take(key, now):
+            return True
+        if supervised:
+            waiter = asyncio.get_running_loop().create_future()
+            waiters = self._sighting.setdefault(channel_id, [])
+            waiters.append(waiter)
+            try:
+                await asyncio.wait_for(waiter, wait)
+                return True
+            except TimeoutError:
+                pass
+            finally:
+                waiters.remove(waiter)
+                if not waiters and self._sighting.get(channel_id) is waiters:
+                    del self._sighting[channel_id]
+        self.warn_ghost("%s: setups from %s for channels %s has not reported are over the "
+                        "limits (%d at once for account %s, %d a second from one address): "
+                        "denied (RATE_LIMIT)", self.pbx.name, peer, self.pbx.name,
+                        s.unconfirmed_per_account, account, s.unconfirmed_rate_per_peer,
+                        key=key)
+        return False
+
+    async def _free_ghosts(self, account: str, timeout: float) -> bool:
+        """A call the PBX reported was denied while suspects hold some of its account's
+        money or channels: from now on (for CROWDED_FOR) the account admits no suspect,
+        and those it holds are checked now, if the PBX lists its channels within `timeout`
+        (and none was asked for within LIST_EVERY); True once ghosts gave theirs back."""
+        now = time.monotonic()
+        if len(self._crowded) >= 4096:
+            self._crowded = {a: t for a, t in self._crowded.items() if t > now}
+        self._crowded[account] = now + CROWDED_FOR
+        if now - self._listed_at < LIST_EVERY:
+            return False
+        self._listed_at = time.monotonic()
+        suspects = [t.session for t in self.supervisor.sessions.values()
+                    if t.suspect and t.account == account]
+        try:
+            alive = await asyncio.wait_for(self.pbx.live_channels(), timeout)
+        except Exception:  # noqa: BLE001 - too slow, or the link's own errors: deny as is
+            return False
+        actions = self.supervisor.judge(suspects, alive)
+        freed = [self._ghost(a) for a in actions if isinstance(a, Ghost)]
+        await self.execute([a for a in actions if not isinstance(a, Ghost)])
+        if freed:
+            await asyncio.wait(freed, timeout=timeout)  # their money and channels are back
+        return bool(freed)
+
     async def _release_later(self, account: str, channel_id: str) -> None:
         try:
             await asyncio.sleep(1)
@@ -262,6 +374,18 @@ class CallControl:
             log.warning("could not release %s/%s; the sweeper will", account, channel_id)
 
     # -- what the PBX reports ------------------------------------------------------------
+    def seen(self, channel_id: str) -> None:
+        """The PBX's event link named the channel (any event): a call, not a ghost."""
+        if not channel_id or not self.settings.ghost_seconds:
+            return
+        session = self.supervisor.seen(channel_id)
+        if session:
+            tracked = self.supervisor.sessions[session]
+            self.spawn(self._answer(session, tracked.answered_ms))
+        for waiter in self._sighting.pop(channel_id, ()):
+            if not waiter.done():
+                waiter.set_result(None)
+
     def answered(self, channel_id: str, at_ms: int | None = None) -> None:
         session = self.supervisor.answered(channel_id, at_ms or self.redis_ms())
         if session:
@@ -333,11 +457,13 @@ class CallControl:
                                                    resumed))
 
     def _commit_soon(self, session: str, cause: str, mode: str, end_ms: int | None,
-                     answered_ms: int | None = None, talk_ms: int | None = None) -> None:
+                     answered_ms: int | None = None, talk_ms: int | None = None
+                     ) -> asyncio.Task:
         self._committing.add(session)
         task = self.spawn(self._commit(session, cause, mode, end_ms, self.redis_ms(),
                                        answered_ms, talk_ms))
         task.add_done_callback(lambda _: self._committing.discard(session))
+        return task
 
     async def _commit(self, session: str, cause: str, mode: str, end_ms: int | None,
                       seen_ms: int, answered_ms: int | None = None,
@@ -370,7 +496,54 @@ class CallControl:
                 await self._cut(action.session, action.channel, action.cause)
             elif isinstance(action, Release):
                 self._commit_soon(action.session, "released", "release", None)
+            elif isinstance(action, Verify):
+                self._due_checks.add(action.session)
+                if self._checking is None or self._checking.done():
+                    self._checking = self.spawn(self._check_suspects(), self._tasks)
+            elif isinstance(action, Ghost):
+                self._ghost(action)
+            elif isinstance(action, Answer):
+                self.spawn(self._answer(action.session, action.at_ms))
         self._wake.set()
+
+    async def _check_suspects(self) -> None:
+        """One channel list for every suspect that is due, at most one every LIST_EVERY
+        seconds; present: a call; absent: a ghost."""
+        while self._due_checks:
+            await asyncio.sleep(max(0.0, self._listed_at + LIST_EVERY - time.monotonic()))
+            if not self.pbx.supervising:
+                self._due_checks.clear()  # the reconcile after the next login checks them
+                return
+            due, self._due_checks = self._due_checks, set()
+            self._listed_at = time.monotonic()
+            try:
+                alive = await self.pbx.live_channels()
+            except Exception as exc:  # noqa: BLE001 - the link's own errors: it reconnects
+                self.warn_list("cannot list %s's channels to check %d unreported session(s) "
+                               "(%s); trying again", self.pbx.name, len(due),
+                               str(exc) or type(exc).__name__)
+                self._due_checks |= due
+                continue
+            sessions = self.supervisor.sessions
+            unreported = [sessions[s].channel_id for s in due if s in sessions
+                          and sessions[s].suspect and sessions[s].channel_id in alive]
+            if unreported:
+                # A call, but no event named it: are the PBX's channel events filtered out?
+                self.warn_unreported(
+                    "%s has channel %s in its list but sent no event naming it within %d s: "
+                    "let its channel events through (Asterisk: Newchannel in manager.conf's "
+                    "eventfilter), else calls wait for this check", self.pbx.name,
+                    unreported[0], self.settings.ghost_seconds)
+            await self.execute(self.supervisor.judge(due, alive))
+
+    def _ghost(self, ghost: Ghost) -> asyncio.Task:
+        """Free what a ghost holds, the way a call that never answered is freed."""
+        self.metrics.ghosts.inc()
+        account, channel_id, _ = ghost.session.split("/")
+        self.warn_ghost("ghost session from %s for account %s: %s never reported channel %s "
+                        "(no event, not in its channel list); released", ghost.peer, account,
+                        self.pbx.name, channel_id, key=peer_key(ghost.peer))
+        return self._commit_soon(ghost.session, "ghost", "release", None)
 
     async def _cut(self, session: str, channel: str, cause: int = CUTOFF_CAUSE) -> None:
         cut_ms = self.redis_ms()
@@ -405,7 +578,10 @@ class CallControl:
             return  # the link went down meanwhile: the next login reconciles
         for tracked in self.supervisor.sessions.values():
             mine.setdefault(tracked.session, {"ch": tracked.channel_id})
+        # Suspects set up before the list is asked for: in it, calls; absent, ghosts.
+        suspects = [t.session for t in self.supervisor.sessions.values() if t.suspect]
         alive = await self.pbx.live_channels()
+        await self.execute(self.supervisor.judge(suspects, alive))
         resumed = gone = 0
         for session, fields in mine.items():
             if session in self._committing:

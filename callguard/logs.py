@@ -21,27 +21,30 @@ class Throttled:
     sharing one Throttled are held back and counted each on its own.
 
     The templates are code constants, so there are few; still, at most `max_templates`
-    are remembered (the least recently logged is forgotten first, with its count)."""
+    are remembered (the least recently logged is forgotten first, with its count). `key`
+    splits one template by what it is about (a peer address): each key is held back on
+    its own."""
 
     def __init__(self, logger: logging.Logger, level: int = logging.WARNING,
                  interval: float = 1.0, clock=time.monotonic, max_templates: int = 64) -> None:
         self.logger, self.level, self.interval, self.clock = logger, level, interval, clock
         self.max_templates = max_templates
-        # template -> [when it was last logged, how many held back since]; in the order
-        # they were last logged, oldest first
-        self.templates: dict[str, list] = {}
+        # template (or (template, key)) -> [when it was last logged, how many held back
+        # since]; in the order they were last logged, oldest first
+        self.templates: dict[str | tuple[str, str], list] = {}
 
-    def __call__(self, msg: str, *args) -> None:
+    def __call__(self, msg: str, *args, key: str | None = None) -> None:
         now = self.clock()
-        seen = self.templates.get(msg)
+        held = msg if key is None else (msg, key)
+        seen = self.templates.get(held)
         if seen is not None:
             if now - seen[0] < self.interval:
                 seen[1] += 1
                 return
-            del self.templates[msg]  # re-inserted below: the most recently logged
+            del self.templates[held]  # re-inserted below: the most recently logged
         elif len(self.templates) >= self.max_templates:
             del self.templates[next(iter(self.templates))]
-        self.templates[msg] = [now, 0]
+        self.templates[held] = [now, 0]
         if seen is not None and seen[1]:
             msg += f" (and {seen[1]} more like it since the last such line)"
         self.logger.log(self.level, msg, *args)

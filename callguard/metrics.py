@@ -145,6 +145,10 @@ class ServeMetrics:
         self.bad_requests = Counter("callguard_setup_bad_requests",
                                     "Call-setup requests that broke the protocol", ["pbx"],
                                     registry=r).labels(pbx)
+        self.ghosts = Counter("callguard_ghost_sessions",
+                              "Sessions released because the PBX never reported their "
+                              "channel (no event, not in its channel list)", ["pbx"],
+                              registry=r).labels(pbx)
         self.readings = Readings(r)
 
     def setup(self, allow: bool, reason: Reason, seconds: float) -> None:

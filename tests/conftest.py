@@ -238,7 +238,8 @@ def _on_mariadb_too(item) -> bool:
 # `postgres` here still does), and on PostgreSQL they doubled ~5 minutes of the suite.
 SQLITE_ONLY = {"test_asterisk.py", "test_freeswitch.py", "test_protocol_esl.py",
                "test_protocol_agi.py", "test_metrics.py", "test_console.py",
-               "test_asterisk_faults.py", "test_asterisk_tls.py", "test_cli.py"}
+               "test_asterisk_faults.py", "test_asterisk_tls.py", "test_cli.py",
+               "test_ghosts.py"}
 
 
 # Their database URL carries a password on PostgreSQL: there, where there is one, instead

@@ -54,6 +54,19 @@ def test_different_warnings_sharing_one_throttled_are_held_and_counted_each_on_i
     ]
 
 
+def test_a_key_holds_one_template_back_per_key(caplog):
+    now = [100.0]
+    warn = Throttled(logging.getLogger("t"), interval=1.0, clock=lambda: now[0])
+    with caplog.at_level(logging.WARNING, logger="t"):
+        for peer in ("10.0.0.1", "10.0.0.2", "10.0.0.1"):
+            warn("ghost from %s", peer, key=peer)
+        now[0] += 1.0
+        warn("ghost from %s", "10.0.0.1", key="10.0.0.1")
+    assert [r.getMessage() for r in caplog.records] == [
+        "ghost from 10.0.0.1", "ghost from 10.0.0.2",
+        "ghost from 10.0.0.1 (and 1 more like it since the last such line)"]
+
+
 def test_throttled_remembers_a_bounded_number_of_templates(caplog):
     now = [100.0]
     warn = Throttled(logging.getLogger("t"), interval=1.0, clock=lambda: now[0], max_templates=2)

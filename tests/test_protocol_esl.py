@@ -796,7 +796,7 @@ def test_inbound_client_drops_and_reconnects_on_garbage():
                 await until(lambda: fake.connections >= 2, "a second connection")
                 await asyncio.wait_for(client.connected.wait(), 5)
                 login = [b"auth ClueCon\n\n",
-                         b"event plain CHANNEL_ANSWER CHANNEL_HANGUP_COMPLETE\n\n"]
+                         b"event plain CHANNEL_CREATE CHANNEL_ANSWER CHANNEL_HANGUP_COMPLETE\n\n"]
                 assert fake.commands == login * 2  # nothing else was sent: no timeout did it
             finally:
                 task.cancel()

@@ -633,7 +633,7 @@ ACTION_CLASSES = {
     "Setvar": {"call"},
     "Originate": {"originate"},
 }
-CONSUMED_EVENTS = ("DialEnd", "Newstate", "Hangup")
+CONSUMED_EVENTS = ("Newchannel", "DialEnd", "Newstate", "Hangup")
 
 
 def actions_callguard_sends() -> set[str]:
@@ -788,7 +788,7 @@ def test_filters_let_every_recorded_consumed_event_through(filters, name):
 def test_filters_drop_every_other_recorded_event(filters):
     events = ami_events()
     others = {event_name(e) for e in events} - set(CONSUMED_EVENTS)
-    assert {"VarSet", "HangupRequest", "SoftHangupRequest", "Newchannel", "DialBegin"} <= others
+    assert {"VarSet", "HangupRequest", "SoftHangupRequest", "NewCallerid", "DialBegin"} <= others
     for raw in events:
         if event_name(raw) not in CONSUMED_EVENTS:
             assert not passes(filters, raw), raw[:200]

@@ -3,13 +3,18 @@
 from decimal import Decimal
 
 from callguard.engine.core import Grant
+from callguard.ghosts import PeerBuckets, peer_key
 from callguard.supervision import (
+    SIGHTED_KEPT,
+    Answer,
     CallState,
     Extend,
+    Ghost,
     Hangup,
     PushDeadline,
     Release,
     Supervisor,
+    Verify,
 )
 
 
@@ -136,3 +141,60 @@ def test_short_quotas_extend_halfway_through():
     sup.track("a/1/1", "1", "ch", 600.0)
     sup.granted("a/1/1", grant(4, 4_000), now=0.0)
     assert sup.due(1.9) == [] and sup.due(2.0) == [Extend("a/1/1", 4)]
+
+
+def test_a_setup_the_pbx_has_not_reported_is_a_suspect_until_it_does():
+    sup = Supervisor()
+    sup.seen("1")  # Newchannel before the AGI
+    assert not sup.track("a/1/1", "1", "ch1", 600.0, verify_at=3.0).suspect
+    assert sup.track("a/2/1", "2", "ch2", 600.0, verify_at=3.0, peer="127.0.0.1").suspect
+    assert sup.track("b/3/1", "3", "ch3", 600.0, verify_at=3.0).suspect
+    assert sup.suspects == {"a": 1, "b": 1}
+    sup.seen("3")  # its first event after the setup
+    assert sup.suspects == {"a": 1} and sup.due(3.0) == [Verify("a/2/1")]
+    # The channel list, asked for after it was due: absent, a ghost, freed at once.
+    assert sup.judge(["a/2/1"], {"1": None, "3": None}) == [Ghost("a/2/1", "127.0.0.1")]
+    assert "a/2/1" not in sup.sessions and sup.suspects == {}
+    assert sup.due(600.0) == [Release("a/1/1"), Release("b/3/1")]  # no second release
+
+
+def test_a_suspect_in_the_channel_list_is_a_call():
+    sup = Supervisor()
+    sup.track("a/1/1", "1", "ch", 600.0, verify_at=3.0)
+    assert sup.judge(["a/1/1"], {"1": None}) == []
+    assert not sup.sessions["a/1/1"].suspect and sup.suspects == {}
+
+
+def test_an_answer_only_the_setup_claims_waits_until_the_pbx_reports_the_channel():
+    sup = Supervisor()
+    sup.track("a/1/1", "1", "ch", 600.0, verify_at=3.0)
+    assert sup.answered("1", 5_000) is None  # FreeSWITCH's Answer-State: the peer's word
+    assert sup.sessions["a/1/1"].state is CallState.RINGING
+    assert sup.seen("1") == "a/1/1"  # CHANNEL_CREATE: now it counts, from its own time
+    assert sup.sessions["a/1/1"].answered_ms == 5_000
+    sup.track("a/2/1", "2", "ch2", 600.0, verify_at=3.0)
+    sup.answered("2", 6_000)
+    assert sup.judge(["a/2/1"], {"2": None}) == [Answer("a/2/1", 6_000)]
+    sup.track("a/3/1", "3", "ch3", 600.0, verify_at=3.0)
+    sup.answered("3", 7_000)
+    assert sup.judge(["a/3/1"], {}) == [Ghost("a/3/1", "")]  # never billed
+
+
+def test_an_ended_channel_vouches_for_no_later_setup_and_sightings_are_bounded():
+    sup = Supervisor()
+    sup.seen("1")
+    sup.hung_up("1")
+    assert sup.track("a/1/1", "1", "ch", 600.0, verify_at=3.0).suspect
+    for n in range(SIGHTED_KEPT + 1):
+        sup.seen(f"x{n}")
+    assert len(sup.sighted) == SIGHTED_KEPT and "x0" not in sup.sighted
+
+
+def test_peer_buckets_refill_at_their_rate_and_every_loopback_address_is_one_peer():
+    buckets = PeerBuckets(rate=2, burst=3)
+    assert [buckets.take("loopback", 0.0) for _ in range(4)] == [True, True, True, False]
+    assert buckets.take("192.0.2.1", 0.0)  # another peer, its own bucket
+    assert not buckets.take("loopback", 0.4) and buckets.take("loopback", 0.5)
+    assert {peer_key(h) for h in ("127.0.0.1", "127.9.9.9", "::1", "::ffff:127.0.0.2")} == {
+        "loopback"}
+    assert peer_key("192.0.2.1") == "192.0.2.1"

@@ -121,9 +121,10 @@ class AsteriskAdapter(PBXAdapter):
     # -- what Asterisk reports -------------------------------------------------------------
     def on_event(self, event: ami.AMIEvent) -> None:
         name = event.name
-        if name not in ("DialEnd", "Newstate", "Hangup"):
+        if name not in ("Newchannel", "DialEnd", "Newstate", "Hangup"):
             return
         uniqueid = event.get("Uniqueid")
+        self.control.seen(uniqueid)  # Asterisk has this channel: no ghost
         # Asterisk's own time of the event, with `timestampevents = yes` in manager.conf
         at = self._pbx_time(event.get("Timestamp"))
         if name == "Hangup":
@@ -133,8 +134,8 @@ class AsteriskAdapter(PBXAdapter):
             self.control.answered(uniqueid, at)
 
     # -- authorize (FastAGI) ------------------------------------------------------
-    async def authorize(self, request: agi.AGIRequest) -> list[tuple[str, str]]:
-        """Channel variables for one FastAGI request; never raises."""
+    async def authorize(self, request: agi.AGIRequest, peer: str = "") -> list[tuple[str, str]]:
+        """Channel variables for one FastAGI request from `peer`; never raises."""
         if request.script != "authorize":
             return denied(Reason.BAD_REQUEST).channel_variables()
         params = request.params
@@ -142,7 +143,7 @@ class AsteriskAdapter(PBXAdapter):
             params.get("account") or request.accountcode,
             params.get("dest") or request.extension,
             params.get("direction") or "outbound",
-            request.uniqueid, request.channel)
+            request.uniqueid, request.channel, peer)
         variables = decision.channel_variables()
         if decision.allow:
             # The PBX's own limit from the start: if we vanish, the call still ends once it
@@ -207,7 +208,7 @@ class AGIConnection(SetupConnection):
         self._reply(denied(Reason.UNAVAILABLE).channel_variables())
 
     async def _handle(self, request: agi.AGIRequest) -> None:
-        self._reply(await self.adapter.authorize(request))
+        self._reply(await self.adapter.authorize(request, self.peer))
 
     def _reply(self, variables) -> None:
         if self.replied or self.transport.is_closing():

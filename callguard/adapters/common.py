@@ -136,6 +136,12 @@ class SetupConnection(asyncio.Protocol):
         self.task: asyncio.Task | None = None
         self.timer: asyncio.TimerHandle | None = None
 
+    @property
+    def peer(self) -> str:
+        """The address the setup came from."""
+        peer = self.transport.get_extra_info("peername") if self.transport else None
+        return peer[0] if peer else ""
+
     def arm(self, seconds: float) -> None:
         """Abort the connection in `seconds` unless armed again."""
         if self.timer:

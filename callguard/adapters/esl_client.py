@@ -38,7 +38,8 @@ class ESLClient(EventLink):
 
     def __init__(self, url: str, on_event: Callable[[esl.Event], None],
                  on_login: Callable[[], Awaitable[None]] | None = None,
-                 events: tuple[str, ...] = ("CHANNEL_ANSWER", "CHANNEL_HANGUP_COMPLETE"),
+                 events: tuple[str, ...] = ("CHANNEL_CREATE", "CHANNEL_ANSWER",
+                                            "CHANNEL_HANGUP_COMPLETE"),
                  timeout: float = 3.0, keepalive: float = 2.0):
         host, port, self._password = parse_esl_url(url)
         super().__init__(host, port, on_login, timeout, keepalive)

@@ -153,6 +153,7 @@ class FreeSWITCHAdapter(PBXAdapter):
     def on_event(self, event: esl.Event) -> None:
         self._learn_clock(event.get("Event-Date-Timestamp"))
         uuid = event.unique_id
+        self.control.seen(uuid)  # FreeSWITCH has this channel: no ghost (CHANNEL_CREATE first)
         if event.name == "CHANNEL_ANSWER":
             self.control.answered(uuid, self._pbx_time(event.get("Caller-Channel-Answered-Time")))
         elif event.name == "CHANNEL_HANGUP_COMPLETE":
@@ -163,14 +164,15 @@ class FreeSWITCHAdapter(PBXAdapter):
                 esl.whole(event.get("variable_billmsec")))
 
     # -- authorize (outbound ESL) ---------------------------------------------------------
-    async def authorize(self, channel: esl.CommandReply) -> Decision:
-        """The decision for one `socket` connection's channel data; never raises."""
+    async def authorize(self, channel: esl.CommandReply, peer: str = "") -> Decision:
+        """The decision for one `socket` connection's channel data from `peer`; never
+        raises."""
         uuid = channel.get("Unique-ID", "")
         return await self.control.authorize(
             channel.get("variable_callguard_account") or channel.get("variable_accountcode", ""),
             channel.get("variable_callguard_dest") or channel.get("Caller-Destination-Number", ""),
             channel.get("variable_callguard_direction") or "outbound",
-            uuid, uuid)
+            uuid, uuid, peer)
 
 
 class OutboundSession(SetupConnection):
@@ -234,7 +236,7 @@ class OutboundSession(SetupConnection):
                 self.transport.close()
 
     async def _decide(self) -> None:
-        decision = await self.adapter.authorize(self.channel)
+        decision = await self.adapter.authorize(self.channel, self.peer)
         if self.transport.is_closing():
             return
         uuid = self.channel.get("Unique-ID")

@@ -97,6 +97,9 @@ class SimulatedAsterisk:
         self.agi_wait = agi_wait  # a real Asterisk waits for ever; the simulation gives up
         self.timestamp_events = timestamp_events  # manager.conf [general] timestampevents
         self.ami_tls = ami_tls  # manager.conf tlsenable: AMI only over TLS, same bytes inside
+        # Newchannel goes out as the channel is created, before its dialplan reaches the AGI
+        # (the transcripts); a delay (wall seconds) lets it arrive after the setup instead.
+        self.newchannel_delay = 0.0
         self.blackholed = False  # AMI: nothing gets through either way, no FIN, no RST
         self.clock_skew_ms = 0  # this PBX's clock against the true one (its own timestamps)
         self.calls: dict[str, SimCall] = {}  # live channels by uniqueid
@@ -337,6 +340,11 @@ class SimulatedAsterisk:
         channel = f"PJSIP/anonymous-{next(self._channel_seq):08x}"
         call = SimCall(channel, uniqueid, account, exten)
         self.calls[uniqueid] = call
+        newchannel = self._event("Newchannel", call, state="Ring")
+        if self.newchannel_delay:
+            asyncio.get_running_loop().call_later(self.newchannel_delay, self.emit, newchannel)
+        else:
+            self.emit(newchannel)
         return call
 
     async def call(self, account: str, exten: str, ring: float = 2.0, talk: float = 30.0,

@@ -110,6 +110,10 @@ class SimulatedFreeSWITCH:
         self.dialplan = Dialplan.load(dialplan)
         self.context = context
         self.park_tick = park_tick  # wall seconds: async-mode sendmsg runs on the next one
+        # CHANNEL_CREATE goes out as the channel is created; a real FreeSWITCH delivers it to
+        # the event socket after `socket` has connected (14 ms in the transcripts): a delay
+        # (wall seconds) models that.
+        self.create_delay = 0.0
         self.blackholed = False
         self.clock_skew_ms = 0  # this PBX's clock against the true one
         self.calls: dict[str, SimChannel] = {}  # live, by uuid
@@ -360,7 +364,11 @@ class SimulatedFreeSWITCH:
                              account, dest, {"accountcode": account, **(variables or {})},
                              created_at=self.clock.monotonic())
         self.calls[channel.uuid] = channel
-        self.emit("CHANNEL_CREATE", channel)
+        if self.create_delay:
+            asyncio.get_running_loop().call_later(self.create_delay, self.emit,
+                                                  "CHANNEL_CREATE", channel)
+        else:
+            self.emit("CHANNEL_CREATE", channel)
         if answered:
             self.answer(channel)
         actions = self.dialplan.hunt(self.context, self._fields(channel), channel.variables)
