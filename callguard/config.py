@@ -278,13 +278,12 @@ def carries_password(url: str | None) -> bool:
         return bool(url)  # not even a URL: take it for one that may hold a secret
 
 
-def forget_secret_environment(env=None) -> None:
-    """Drop the secrets' environment variables once read, so a process this one starts
-    (the embedded redis-server) does not inherit them. /proc/PID/environ still shows the
-    environment this process was started with: use the _FILE variables or credentials."""
-    env = os.environ if env is None else env
-    for name in SECRETS:
-        env.pop(_ENV[name], None)
+def without_secrets(env) -> dict:
+    """The environment for a process callguard starts (the embedded redis-server): without
+    the secrets' variables, which it has no use for. /proc/PID/environ of callguard itself
+    still shows what it was started with: use the _FILE variables or credentials."""
+    secret = {_ENV[name] for name in SECRETS}
+    return {k: v for k, v in env.items() if k not in secret}
 
 
 def split_hostport(text: str) -> tuple[str, int]:

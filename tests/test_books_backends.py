@@ -202,10 +202,10 @@ def test_the_cli_without_pymysql_says_what_to_install(tmp_path):
     shim.mkdir()
     (shim / "sitecustomize.py").write_text("import sys\nsys.modules['pymysql'] = None\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith("CALLGUARD_")}
-    env |= {"PYTHONPATH": str(shim), "CALLGUARD_HOME": str(tmp_path / "home")}
+    env |= {"PYTHONPATH": str(shim), "CALLGUARD_HOME": str(tmp_path / "home"),
+            "CALLGUARD_DATABASE_URL": "mysql://root:s3cret@127.0.0.1:3306/x"}
     done = subprocess.run(
-        [sys.executable, "-m", "callguard", "--database-url",
-         "mysql://root:s3cret@127.0.0.1:3306/x", "db", "upgrade"],
+        [sys.executable, "-m", "callguard", "db", "upgrade"],
         env=env, capture_output=True, text=True, timeout=60)
     assert (done.returncode, done.stdout, done.stderr) == (
         1, "", "callguard: the database URL needs the MySQL driver: "

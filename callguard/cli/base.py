@@ -11,7 +11,7 @@ import click
 
 from .. import service
 from ..books.database import upgrade
-from ..config import ConfigError, carries_password, forget_secret_environment, load_settings
+from ..config import ConfigError, carries_password, load_settings
 from ..logs import JsonFormatter
 from ..money import AmountError, parse_amount
 from ..refusals import explain
@@ -113,7 +113,6 @@ def cli(ctx, config_file, home, redis_url, database_url, verbose, log_format):
                                  database_url=database_url)
     except ConfigError as exc:
         raise Refused(str(exc)) from None
-    forget_secret_environment()
     ctx.obj = service.App(settings, one_shot=True)  # serve and worker say otherwise
     ctx.call_on_close(ctx.obj.close)
 

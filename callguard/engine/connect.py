@@ -56,7 +56,7 @@ import redis.asyncio
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from ..config import ConfigError
+from ..config import ConfigError, without_secrets
 from ..statedir import private_dir
 
 log = logging.getLogger(__name__)
@@ -244,7 +244,8 @@ def _start(home: Path) -> None:
         "--logfile", str(home / "redis.log"),
     ]
     log.info("starting embedded Redis on %s", sock)
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, umask=0o077)  # its AOF: ours
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, umask=0o077,
+                   env=without_secrets(os.environ))  # its AOF: ours
     deadline = time.monotonic() + 10
     while not _answers(home):
         if time.monotonic() > deadline:
