@@ -20,7 +20,18 @@ from callguard.protocol.errors import ProtocolError
 
 from engine_helpers import prepaid, setup_plan, snapshot
 from freeswitch_rig import ACCT, PREMIUM, fs_rig, run, until
-from fs_transcripts import FROM, TO, chunks, conns, load, names, split, stream, streams
+from fs_transcripts import (
+    FROM,
+    TO,
+    chunks,
+    conns,
+    load,
+    names,
+    raw_frames,
+    split,
+    stream,
+    streams,
+)
 
 FROM_STREAMS = streams(FROM)
 Parsed = list[esl.Frame | esl.Event]
@@ -33,19 +44,6 @@ def parse(pieces: Iterable[bytes], reader: esl.ESLReader | None = None) -> Parse
     for piece in pieces:
         out += reader.feed(piece)
     return out
-
-
-def raw_frames(data: bytes) -> list[bytes]:
-    """The stream cut into frames the simple way (header block, then Content-Length bytes),
-    independently of ESLReader."""
-    frames, pos = [], 0
-    while pos < len(data):
-        end = data.index(b"\n\n", pos)
-        length = re.search(rb"^Content-Length: (\d+)$", data[pos:end], re.M)
-        stop = end + 2 + (int(length.group(1)) if length else 0)
-        frames.append(data[pos:stop])
-        pos = stop
-    return frames
 
 
 def outer_type(raw: bytes) -> str:
