@@ -612,6 +612,15 @@ def test_max_head_holds_for_a_block_that_arrives_whole():
     feed_error(block, esl.ESLReader(max_head=1000))
 
 
+def test_a_value_holding_colon_space_beside_a_line_without_one_keeps_its_pairs():
+    """Found by bench/fuzz.py: a line with two ": " and one with ":" alone made as many
+    items as lines, and the fast split paired half a value with the next line."""
+    [reply] = esl.ESLReader().feed(b"Content-Type: command/reply\n"
+                                   b"Reply-Text: +OK Job-UUID: 0db7\nJob:x\n\n")
+    assert reply.headers == {"Content-Type": "command/reply",
+                             "Reply-Text": "+OK Job-UUID: 0db7", "Job": "x"}
+
+
 # --- the outbound server against a hostile peer (real sockets) ----------------------------------
 
 
