@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import NamedTuple
@@ -69,3 +70,16 @@ def split(data: bytes, cuts: Iterable[int]) -> list[bytes]:
     """data cut at the given offsets (taken modulo len(data) + 1, so any ints will do)."""
     bounds = [0, *sorted({cut % (len(data) + 1) for cut in cuts}), len(data)]
     return [data[a:b] for a, b in itertools.pairwise(bounds)]
+
+
+def raw_frames(data: bytes) -> list[bytes]:
+    """The stream cut into frames the simple way (header block, then Content-Length bytes),
+    independently of ESLReader."""
+    frames, pos = [], 0
+    while pos < len(data):
+        end = data.index(b"\n\n", pos)
+        length = re.search(rb"^Content-Length: (\d+)$", data[pos:end], re.M)
+        stop = end + 2 + (int(length.group(1)) if length else 0)
+        frames.append(data[pos:stop])
+        pos = stop
+    return frames

@@ -11,7 +11,7 @@ import socket
 import pytest
 
 from callguard import service
-from callguard.adapters.asterisk import AsteriskAdapter
+from callguard.adapters.asterisk import AsteriskAdapter, stamp_ms
 from callguard.clock import Clock
 from callguard.rating import Rate
 from callguard.simulator.asterisk import SimulatedAsterisk
@@ -291,6 +291,15 @@ def test_hostile_peers_get_a_deny_and_the_server_keeps_serving(plan, payload):
     reply, call = run(scenario())
     assert b'SET VARIABLE CALLGUARD_RESULT "DENY"' in reply and b"BAD_REQUEST" in reply
     assert call.allowed  # still serving
+
+
+@pytest.mark.parametrize("stamp", ["NaN", "sNaN", "Infinity", "1e4000", "1e999990", "1_0",
+                                   " 1", "-5", "0.000000", "", "1795236284.213525" * 2])
+def test_an_ami_timestamp_that_is_not_epoch_seconds_is_no_time(stamp):
+    """Asterisk writes "%ld.%06lu": anything else (NaN raised ValueError, 1e4000 made a
+    4,000-digit time for the Lua scripts) is no time, like a missing one."""
+    assert stamp_ms(stamp) is None
+    assert stamp_ms("1795236284.213525") == 1795236284213
 
 
 @pytest.mark.parametrize("uniqueid", ["1795236355.1310\x00", "9" * 200, "a/b", ""])

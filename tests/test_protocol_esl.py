@@ -20,7 +20,18 @@ from callguard.protocol.errors import ProtocolError
 
 from engine_helpers import prepaid, setup_plan, snapshot
 from freeswitch_rig import ACCT, PREMIUM, fs_rig, run, until
-from fs_transcripts import FROM, TO, chunks, conns, load, names, split, stream, streams
+from fs_transcripts import (
+    FROM,
+    TO,
+    chunks,
+    conns,
+    load,
+    names,
+    raw_frames,
+    split,
+    stream,
+    streams,
+)
 
 FROM_STREAMS = streams(FROM)
 Parsed = list[esl.Frame | esl.Event]
@@ -33,19 +44,6 @@ def parse(pieces: Iterable[bytes], reader: esl.ESLReader | None = None) -> Parse
     for piece in pieces:
         out += reader.feed(piece)
     return out
-
-
-def raw_frames(data: bytes) -> list[bytes]:
-    """The stream cut into frames the simple way (header block, then Content-Length bytes),
-    independently of ESLReader."""
-    frames, pos = [], 0
-    while pos < len(data):
-        end = data.index(b"\n\n", pos)
-        length = re.search(rb"^Content-Length: (\d+)$", data[pos:end], re.M)
-        stop = end + 2 + (int(length.group(1)) if length else 0)
-        frames.append(data[pos:stop])
-        pos = stop
-    return frames
 
 
 def outer_type(raw: bytes) -> str:
@@ -612,6 +610,15 @@ def test_max_head_holds_for_a_block_that_arrives_whole():
     """A header block longer than max_head is refused even when it comes in one read."""
     block = API + b"".join(b"X-%d: %s\n" % (i, b"a" * 500) for i in range(10)) + b"\n"
     feed_error(block, esl.ESLReader(max_head=1000))
+
+
+def test_a_value_holding_colon_space_beside_a_line_without_one_keeps_its_pairs():
+    """Found by bench/fuzz.py: a line with two ": " and one with ":" alone made as many
+    items as lines, and the fast split paired half a value with the next line."""
+    [reply] = esl.ESLReader().feed(b"Content-Type: command/reply\n"
+                                   b"Reply-Text: +OK Job-UUID: 0db7\nJob:x\n\n")
+    assert reply.headers == {"Content-Type": "command/reply",
+                             "Reply-Text": "+OK Job-UUID: 0db7", "Job": "x"}
 
 
 # --- the outbound server against a hostile peer (real sockets) ----------------------------------

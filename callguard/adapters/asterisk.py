@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from decimal import Decimal
 
 from .. import service
@@ -40,16 +41,14 @@ HEADER_TIMEOUT = 5.0
 REPLY_MARGIN = 1.0
 DRAIN_TIMEOUT = 2.0  # after our reply, how long we wait for Asterisk's replies and EOF
 UP = "6"  # ChannelState of an answered channel
+_STAMP = re.compile(r"[0-9]{1,12}(?:\.[0-9]{1,9})?")  # "%ld.%06lu"; Decimal takes NaN, 1e9, 1_0
 
 
 def stamp_ms(stamp: str) -> int | None:
     """Asterisk's "1795236284.213525" (epoch seconds) in ms; 0 or junk: None."""
-    if not stamp:
+    if not _STAMP.fullmatch(stamp):
         return None
-    try:
-        return int(Decimal(stamp) * 1000) or None
-    except ArithmeticError:
-        return None
+    return int(Decimal(stamp) * 1000) or None
 
 
 class AsteriskAdapter(PBXAdapter):
