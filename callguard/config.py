@@ -120,6 +120,16 @@ class Settings:
         if given and not (self.redis_url or "").startswith(("rediss://", "rediss+cluster://")):
             raise ConfigError(f"{_ENV[given[0]]} is set but the Redis URL is not rediss:// "
                               "(or rediss+cluster://): the connection would not use TLS")
+        # redis-py takes ?ssl_cert_reqs=none or ?ssl_check_hostname=false from the URL over
+        # the arguments callguard gives it: the server's certificate would go unchecked.
+        try:
+            query = parse_qs(urlsplit(self.redis_url or "").query)
+        except ValueError:
+            query = {}
+        if any(name.startswith("ssl") for name in query):
+            raise ConfigError("CALLGUARD_REDIS_URL has TLS options in its query: callguard "
+                              "always verifies the server; give its files in "
+                              "CALLGUARD_REDIS_TLS_CA, _CERT and _KEY")
         if bool(self.redis_tls_cert) != bool(self.redis_tls_key):
             raise ConfigError("CALLGUARD_REDIS_TLS_CERT and CALLGUARD_REDIS_TLS_KEY go "
                               "together: a client certificate and its key")
