@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+import pwd
 import re
+import stat
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -120,6 +122,16 @@ class Settings:
         if given and not (self.redis_url or "").startswith(("rediss://", "rediss+cluster://")):
             raise ConfigError(f"{_ENV[given[0]]} is set but the Redis URL is not rediss:// "
                               "(or rediss+cluster://): the connection would not use TLS")
+        # redis-py takes ?ssl_cert_reqs=none or ?ssl_check_hostname=false from the URL over
+        # the arguments callguard gives it: the server's certificate would go unchecked.
+        try:
+            query = parse_qs(urlsplit(self.redis_url or "").query)
+        except ValueError:
+            query = {}
+        if any(name.startswith("ssl") for name in query):
+            raise ConfigError("CALLGUARD_REDIS_URL has TLS options in its query: callguard "
+                              "always verifies the server; give its files in "
+                              "CALLGUARD_REDIS_TLS_CA, _CERT and _KEY")
         if bool(self.redis_tls_cert) != bool(self.redis_tls_key):
             raise ConfigError("CALLGUARD_REDIS_TLS_CERT and CALLGUARD_REDIS_TLS_KEY go "
                               "together: a client certificate and its key")
@@ -162,9 +174,35 @@ def _check_legacy_home(home: Path) -> None:
         old.resolve(), home, keep)
 
 
+def no_foreign_links(path: Path) -> Path:
+    """A symbolic link on the way to the state directory that another user made (in /tmp,
+    say, without fs.protected_symlinks) would send our books, our socket and the chmod
+    statedir.py makes to a directory of their choosing, such as /etc: refused. Checked
+    where the path is resolved (once: the settings keep it resolved)."""
+    me = os.geteuid()
+    for part in (path, *path.parents):
+        try:
+            st = part.lstat()
+        except FileNotFoundError:
+            continue
+        if stat.S_ISLNK(st.st_mode) and st.st_uid not in (me, 0):
+            raise ConfigError(f"the state directory {path} is reached through the symbolic "
+                              f"link {part}, which {user_name(st.st_uid)} made: set "
+                              "CALLGUARD_HOME to a directory of this user's")
+    return path
+
+
+def user_name(uid: int) -> str:
+    """A user as a message names one."""
+    try:
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"
+
+
 def _coerce(name: str, value):
-    if name == "home":
-        return Path(value).expanduser().resolve()  # once: a later chdir changes nothing
+    if name == "home":  # resolved once: a later chdir changes nothing
+        return no_foreign_links(Path(value).expanduser().absolute()).resolve()
     if name in _INTS:
         if isinstance(value, bool | float):  # TOML 1.5 or true: int() would quietly give 1
             raise ConfigError(f"{name} must be a whole number, not {value!r}")

@@ -242,6 +242,15 @@ class CallControl:
                                          blind=not supervised)
         if isinstance(call, Decision):
             return call
+        held = self.supervisor.find(channel_id)
+        if held is not None and not held.suspect and held.account != account:
+            # The PBX vouched for this channel as another account's call: a setup naming it
+            # for this one (a local user who guessed a live Asterisk uniqueid) would take
+            # the call out of supervision, unbilled, and bill its answer to this account.
+            self.warn_ghost("%s: a setup from %s for account %s names channel %s, a call of "
+                            "another account: denied (BAD_REQUEST)", self.pbx.name, peer,
+                            account, channel_id, key=peer_key(peer))
+            return denied(Reason.BAD_REQUEST)
         budget, suspect = s.agi_budget_ms / 1000, False
         ends = perf_counter() + budget
         if s.ghost_seconds and not (supervised and channel_id in self.supervisor.sighted):

@@ -400,6 +400,18 @@ def test_each_action_is_booked_with_the_token_name_and_its_reason(api):
     ledger = api.call("GET", f"{url}/ledger", billing).json()["items"]
     assert [(e["actor"], e["reason"]) for e in ledger] == [
         (actors.local(), None), ("api:billing", "bank transfer")]
+    # A token bound to the account sees its own name and that an operator acted, not who.
+    mine = api.token("admin", ACCT, name="customer")
+    assert api.call("PATCH", url, mine, json={"warn_below": "2"}).status_code == 200
+    seen = [(a["action"], a["actor"]) for a in api.call("GET", f"{url}/actions",
+                                                        mine).json()["items"]]
+    assert seen == [("create", "operator"), ("change", "operator"), ("block", "operator"),
+                        ("unblock", "operator"), ("kill", "operator"),
+                        ("change", "api:customer")]
+    shown = api.call("GET", url, mine).json()
+    assert {a["actor"] for a in shown["recent_actions"]} == {"operator", "api:customer"}
+    assert [e["actor"] for e in api.call("GET", f"{url}/ledger", mine).json()["items"]] == \
+        ["operator", "operator"]
 
 
 def test_ledger_cdrs_and_notices_page_by_time(api):

@@ -302,6 +302,8 @@ REFUSALS = [
     (("account", "topup", P, "5", "--ref", "r" * 201), "reference is longer than 200"),
     (("account", "block", P, "--reason", "x" * 5000), "reason is longer than 200"),
     (("account", "block", P, "--reason", "a\x00b"), "control characters"),
+    (("account", "block", P, "--reason", "a\x9b31mb"), "control characters"),  # C1 CSI
+    (("account", "topup", P, "5", "--ref", "INV-\u202e1-VNI"), "control characters"),  # bidi
     (("account", "set", P, "--email", "notanemail"), "not an email address"),
     (("account", "set", P, "--email", "a@b.c" + "c" * 250), "email is longer than 254"),
     (("account", "set", P, "--payment-method", "t" * 201), "payment method is longer"),

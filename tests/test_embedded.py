@@ -398,6 +398,28 @@ def test_a_state_directory_another_user_controls_is_refused(tmp_path, homes, kin
         os.chmod(home, 0o700)
 
 
+def test_a_state_directory_reached_through_another_users_link_is_refused(tmp_path):
+    """In a directory everyone may write in (/tmp without fs.protected_symlinks), another
+    user plants the state directory's path as a link to a directory of ours (/etc, say):
+    nothing is written there, nor is it made 0700."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o1777)
+    target = tmp_path / "etc"
+    target.mkdir()
+    os.chmod(target, 0o755)
+    home = shared / "callguard"
+    home.symlink_to(target)
+    os.chown(home, 65534, 65534, follow_symlinks=False)  # nobody's link
+    refused = callguard(clean_env(CALLGUARD_HOME=str(home)), "db", "upgrade")
+    assert refused.returncode == 1
+    assert refused.stderr.splitlines() == [
+        f"callguard: the state directory {home} is reached through the symbolic link "
+        f"{home}, which nobody (uid 65534) made: set CALLGUARD_HOME to a directory of this "
+        "user's"]
+    assert list(target.iterdir()) == [] and target.stat().st_mode & 0o777 == 0o755
+
+
 def test_an_own_state_directory_others_may_read_is_made_private(tmp_path, homes):
     home = tmp_path / "state"
     homes(home)

@@ -43,10 +43,11 @@ class Asterisk:
         sim.newchannel_delay = seconds
 
     @staticmethod
-    async def fake(sim, account: str = ACCT) -> str:
-        """A FastAGI session for a channel this Asterisk does not have; its result."""
-        call = SimCall(f"PJSIP/fake-{next(_fake_ids):08x}", f"1700000000.{next(_fake_ids)}",
-                       account, PREMIUM)
+    async def fake(sim, account: str = ACCT, uniqueid: str | None = None) -> str:
+        """A FastAGI session for a channel this Asterisk does not have (or for one it has:
+        `uniqueid`); its result."""
+        call = SimCall(f"PJSIP/fake-{next(_fake_ids):08x}",
+                       uniqueid or f"1700000000.{next(_fake_ids)}", account, PREMIUM)
         await sim.fastagi(call, "authorize")
         if call.timeout:
             call.timeout.cancel()  # no such channel: nothing would end it in Asterisk
@@ -65,11 +66,25 @@ class FreeSWITCH:
         sim.create_delay = seconds
 
     @staticmethod
-    async def fake(sim, account: str = ACCT) -> str:
-        """An outbound ESL session for a channel this FreeSWITCH does not have."""
-        channel = SimChannel(str(uuidlib.uuid4()), "sofia/internal/fake@pbx1", account,
+    async def fake(sim, account: str = ACCT, uuid: str | None = None) -> str:
+        """An outbound ESL session for a channel this FreeSWITCH does not have (or has)."""
+        channel = SimChannel(uuid or str(uuidlib.uuid4()), "sofia/internal/fake@pbx1", account,
                              PREMIUM, {"accountcode": account})
-        await sim._socket(channel, "127.0.0.1:8084 async full")
+        if uuid:  # not this FreeSWITCH's channel: a hangup sent to it ends no real one
+            real = sim.hangup
+
+            def hangup(ch, *args, **kwargs):
+                if ch is not channel:
+                    return real(ch, *args, **kwargs)
+                ch.ended.set()
+                if ch.socket_writer:
+                    ch.socket_writer.close()
+
+            sim.hangup = hangup
+        try:
+            await sim._socket(channel, "127.0.0.1:8084 async full")
+        finally:
+            sim.__dict__.pop("hangup", None)
         return channel.variables.get("callguard_result", "") + "/" + channel.reason
 
     @staticmethod
@@ -198,3 +213,32 @@ def test_a_reported_call_that_ghosts_crowd_out_frees_them_at_once(app, pbx, crow
     call, adapter = run(scenario())
     assert call.reason == "OK"
     assert ghosts(adapter) == 2
+
+
+@PBXS
+def test_a_setup_naming_another_accounts_live_call_is_denied(plan, pbx, caplog):
+    """A local user who knows (on Asterisk: guesses) a live call's channel id sets up a
+    call on it for another account: denied, and the real call stays supervised and billed
+    to its own account (it was dropped from supervision, unbilled, its answer billable to
+    the other account)."""
+    caplog.set_level(logging.WARNING, "callguard.control")
+    other = "41449999999"
+    prepaid(plan, other, balance=50_000_000)
+
+    async def scenario():
+        async with pbx.rig(plan, clock=Clock(speed=10)) as (sim, [adapter]):
+            await logged_in(pbx, sim)
+            real = asyncio.ensure_future(sim.call(ACCT, PREMIUM, ring=1, talk=20))
+            await until(lambda: any(t.answered_ms for t in adapter.supervisor.sessions.values()),
+                        "the real call answered", timeout=10)
+            [tracked] = adapter.supervisor.sessions.values()
+            assert await pbx.fake(sim, other, tracked.channel_id) == "DENY/BAD_REQUEST"
+            assert list(adapter.supervisor.sessions) == [tracked.session]
+            return await real
+
+    call = run(scenario())
+    assert call.talk_seconds > 0 and billed(plan, [call])
+    assert snapshot(plan, ACCT)["reserved"] == 0
+    assert (snapshot(plan, other)["reserved"], snapshot(plan, other)["balance"]) == \
+        (0, 50_000_000)
+    assert any("a call of another account: denied" in r.getMessage() for r in caplog.records)

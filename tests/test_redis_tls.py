@@ -192,3 +192,11 @@ def test_tls_settings_without_a_rediss_url_are_refused():
                                           "go together"):
         load_settings(env={"CALLGUARD_REDIS_URL": "rediss://r:6380/0",
                            "CALLGUARD_REDIS_TLS_CERT": "/etc/callguard/client.pem"})
+
+
+@pytest.mark.parametrize("query", ["ssl_cert_reqs=none", "ssl_check_hostname=false",
+                                   "ssl_ca_certs=/tmp/their-ca.pem"])
+def test_a_rediss_url_cannot_turn_verification_off(query):
+    """redis-py would take these from the URL over callguard's own arguments."""
+    with pytest.raises(ConfigError, match="CALLGUARD_REDIS_URL has TLS options in its query"):
+        load_settings(env={"CALLGUARD_REDIS_URL": f"rediss://:pw@r:6380/0?{query}"})

@@ -97,6 +97,20 @@ def _own(caller: Caller, account: str) -> None:
         raise Problem(404, f"unknown account {account}")
 
 
+OPERATOR = "operator"  # who acted, as a token bound to an account sees an operator
+
+
+def _as_seen(caller: Caller, view: dict | None) -> dict | None:
+    """A ledger entry's or action's view as `caller` may see it: a token bound to an
+    account sees its own name and callguard's own parts act, any other actor (an
+    operator's user name, another token's) as OPERATOR."""
+    actor = view.get("actor") if view else None
+    if caller.account is None or actor is None or actor.startswith("callguard:") or \
+            actor == actors.api(caller.name):
+        return view
+    return {**view, "actor": OPERATOR}
+
+
 AccountPath = Annotated[str, Path(pattern=f"^{ACCOUNT_ID.pattern}$")]
 Limit = Annotated[int, Query(ge=1, le=MAX_PAGE, description=f"At most {MAX_PAGE}.")]
 Since = Annotated[str | None, Query(description="From this time on (ISO 8601, or "
@@ -194,8 +208,10 @@ def routes(app: service.App) -> APIRouter:
         did what to it lately."""
         _own(caller, account)
         row = app.books.get_account(account)
+        who = views.who_and_why(app, row)
         return {**views.account_of(app, row), "live_calls": views.live_calls(app, account),
-                **views.who_and_why(app, row)}
+                "blocked_by": _as_seen(caller, who["blocked_by"]),
+                "recent_actions": [_as_seen(caller, a) for a in who["recent_actions"]]}
 
     @api.patch("/accounts/{account}", response_model=m.Account, tags=["accounts"],
                responses=_problems(404))
@@ -308,7 +324,7 @@ def routes(app: service.App) -> APIRouter:
             more = len(entries) > limit
             entries = entries[:limit]
             start = views.balance_before(db, account, entries[0].id) if entries else 0
-        return {"items": list(views.ledger_views(entries, start)),
+        return {"items": [_as_seen(caller, e) for e in views.ledger_views(entries, start)],
                 "next": str(entries[-1].id) if more else None}
 
     @api.get("/accounts/{account}/actions", response_model=m.ActionPage, tags=["accounts"],
@@ -326,7 +342,7 @@ def routes(app: service.App) -> APIRouter:
             rows = list(db.scalars(query.limit(limit + 1)))
         more = len(rows) > limit
         rows = rows[:limit]
-        return {"items": [views.action_view(a) for a in rows],
+        return {"items": [_as_seen(caller, views.action_view(a)) for a in rows],
                 "next": str(rows[-1].id) if more else None}
 
     # -- calls, CDRs, notices -------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import unicodedata
 from dataclasses import dataclass
 
 from sqlalchemy import delete, func, insert, select, update
@@ -42,16 +43,23 @@ class AccountExists(BooksError):
     """An account by that id is already there (409)."""
 
 
+# What would reorder the text around it where an operator reads it (account actions, the
+# ledger): U+200E/F, U+202A-E, U+2066-9, U+061C. The C1 controls (U+0080-009F, among them
+# CSI) are "Cc" with C0 and DEL: a terminal may take them for escapes.
+BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e"
+                          "\u2066\u2067\u2068\u2069")
+
+
 def check_text(column, value: str | None, label: str) -> None:
     """Text for a String(N) column: refused here, before SQL sees it, when it is longer than
     the column (PostgreSQL would raise, SQLite would silently keep it) or holds control
-    characters (PostgreSQL cannot store NUL at all)."""
+    characters (PostgreSQL cannot store NUL at all; a terminal obeys escapes)."""
     if value is None:
         return
     limit = column.type.length
     if len(value) > limit:
         raise BooksError(f"{label} is longer than {limit} characters ({len(value)})")
-    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+    if any(unicodedata.category(c) == "Cc" or c in BIDI_CONTROLS for c in value):
         raise BooksError(f"{label} contains control characters")
 
 
