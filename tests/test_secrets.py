@@ -25,7 +25,7 @@ from callguard.api import tokens
 from callguard.api.server import configure
 from callguard.books.database import make_engine, upgrade
 from callguard.cli import cli
-from callguard.config import SECRETS, ConfigError, load_settings, without_secrets
+from callguard.config import SECRETS, ConfigError, load_settings
 from callguard.service import App
 from callguard.simulator.asterisk import SimulatedAsterisk
 
@@ -207,14 +207,26 @@ def test_a_secret_on_the_command_line_is_warned_about(tmp_path, caplog, args, wa
     assert "pw-on-the-cli" not in out.output + "".join(lines)
 
 
-def test_what_callguard_starts_gets_an_environment_without_the_secrets():
-    """The embedded redis-server is started with without_secrets(os.environ). (Its own
-    /proc/PID/environ cannot tell: redis-server overwrites it for its process title.)"""
-    env = {f"CALLGUARD_{name.upper()}": value for name, value in example("inherited").items()}
-    env |= {"PATH": "/usr/bin", "CALLGUARD_HOME": "/var/lib/callguard",
-            "CALLGUARD_REDIS_URL_FILE": "/run/credentials/redis_url"}
-    assert without_secrets(env) == {"PATH": "/usr/bin", "CALLGUARD_HOME": "/var/lib/callguard",
-                                    "CALLGUARD_REDIS_URL_FILE": "/run/credentials/redis_url"}
+def test_the_embedded_redis_is_started_without_the_secrets(tmp_path, monkeypatch):
+    """The real redis-server, started through a wrapper that writes down the environment
+    it was given (redis-server itself overwrites its /proc/PID/environ for its title)."""
+    from callguard.engine import connect
+
+    real = connect.redis_binary()
+    seen = tmp_path / "environment"
+    wrapper = tmp_path / "redis-server"
+    wrapper.write_text(f"#!/bin/sh\nenv > {seen}\nexec {real} \"$@\"\n")
+    wrapper.chmod(0o700)
+    monkeypatch.setattr(connect, "redis_binary", lambda: str(wrapper))
+    for name, value in example("inherited").items():
+        monkeypatch.setenv(f"CALLGUARD_{name.upper()}", value)
+    monkeypatch.setenv("CALLGUARD_REDIS_URL_FILE", "/run/credentials/redis_url")
+    home = tmp_path / "home"
+    connect.ensure_embedded(home)
+    connect.stop_embedded(home)
+    given = seen.read_text()
+    assert "inherited" not in given
+    assert "CALLGUARD_REDIS_URL_FILE=/run/credentials/redis_url" in given  # only secrets go
 
 
 # -- the API token pepper ---------------------------------------------------------------
