@@ -57,6 +57,10 @@ class Asterisk:
     def lists(sim) -> int:
         return sum(1 for a in sim.actions if a["Action"] == "CoreShowChannels")
 
+    @staticmethod
+    def drop_link(sim) -> None:
+        sim.drop_ami()
+
 
 class FreeSWITCH:
     rig = staticmethod(fs_rig)
@@ -90,6 +94,10 @@ class FreeSWITCH:
     @staticmethod
     def lists(sim) -> int:
         return sum(1 for c in sim.commands if c == "api show channels as json")
+
+    @staticmethod
+    def drop_link(sim) -> None:
+        sim.drop_esl()
 
 
 PBXS = pytest.mark.parametrize("pbx", [Asterisk, FreeSWITCH], ids=["asterisk", "freeswitch"])
@@ -138,6 +146,25 @@ def test_a_setup_the_pbx_never_reports_is_released_and_a_real_call_is_not(plan, 
     assert ghosts(adapter) == 1
     [line] = [r.getMessage() for r in caplog.records if "ghost session" in r.getMessage()]
     assert "from 127.0.0.1" in line and f"account {ACCT}" in line
+
+
+@PBXS
+def test_a_ghost_whose_check_the_link_lost_is_released_by_the_next_logins_reconcile(plan, pbx):
+    """The event link drops before the suspect's check (nobody to ask then): the reconcile
+    after the next login finds its channel absent and releases it as a ghost."""
+    async def scenario():
+        async with pbx.rig(plan, ghost_seconds=60) as (sim, [adapter]):
+            await logged_in(pbx, sim)
+            assert await pbx.fake(sim) == "ALLOW/OK"
+            assert snapshot(plan, ACCT)["reserved"] == HOLD
+            pbx.drop_link(sim)
+            await until(lambda: pbx.lists(sim) == 2, "the reconcile after the next login",
+                        timeout=15)
+            await until(lambda: snapshot(plan, ACCT)["reserved"] == 0, "the ghost released")
+            assert snapshot(plan, ACCT)["channels"] == 0
+            return ghosts(adapter)
+
+    assert run(scenario()) == 1
 
 
 @PBXS
