@@ -455,6 +455,9 @@ def test_a_call_that_never_answers_nor_ends_is_released_at_its_expiry(plan):
             await until(lambda: adapter.supervisor.sessions, "the call authorised")
             sim.blackhole_esl()  # its hangup event will never come
             await until(lambda: not adapter.supervisor.sessions, "the expiry", timeout=15)
+            # The release's script goes out on the loop's next turn: wait for Redis, not
+            # for the sweeper (an hour away).
+            await until(lambda: snapshot(plan, ACCT)["channels"] == 0, "the release")
             released = snapshot(plan, ACCT)
             sim.restore_esl()
             for channel in list(sim.calls.values()):  # unless its sched_hangup came first

@@ -45,6 +45,7 @@ def parse_ami_url(url: str) -> tuple[str, int, str, str]:
 
 class AMIClient(EventLink):
     protocol = "AMI"
+    peer = "Asterisk"
     error = AMIError
 
     def __init__(self, url: str, on_event: Callable[[ami.AMIEvent], None],
@@ -81,23 +82,21 @@ class AMIClient(EventLink):
         if self.on_pong:
             self.on_pong(reply)
 
-    async def _read(self, reader: asyncio.StreamReader) -> None:
-        parser = ami.AMIReader()
-        while True:
-            data = await reader.read(65536)
-            if not data:
-                raise AMIError("connection closed by Asterisk")
-            for message in parser.feed(data):
-                if isinstance(message, ami.AMIResponse):
-                    self._answer(message)
-                elif isinstance(message, ami.AMIEvent):
-                    collected = self._lists.get(message.action_id or "")
-                    if collected is not None:
-                        collected.append(message)
-                        if message.get("EventList") == "Complete":
-                            self._finish(message.action_id, collected)
-                    else:
-                        self.on_event(message)
+    def _begin(self) -> None:
+        self._parser = ami.AMIReader()
+
+    def _feed(self, data: bytes) -> None:
+        for message in self._parser.feed(data):
+            if isinstance(message, ami.AMIResponse):
+                self._answer(message)
+            elif isinstance(message, ami.AMIEvent):
+                collected = self._lists.get(message.action_id or "")
+                if collected is not None:
+                    collected.append(message)
+                    if message.get("EventList") == "Complete":
+                        self._finish(message.action_id, collected)
+                else:
+                    self.on_event(message)
 
     def _answer(self, response: ami.AMIResponse) -> None:
         if response.action_id in self._lists and response.get("EventList") == "start":

@@ -188,7 +188,7 @@ class AGIConnection(SetupConnection):
             self._reply(denied(Reason.BAD_REQUEST).channel_variables())
             return
         if request is not None:
-            self.task = asyncio.ensure_future(self._handle(request))
+            self.task = asyncio.get_running_loop().create_task(self._handle(request))
             self._reply_due(request)
 
     def _reply_due(self, request: agi.AGIRequest) -> None:

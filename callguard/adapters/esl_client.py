@@ -32,8 +32,13 @@ def parse_esl_url(url: str) -> tuple[str, int, str]:
     return parts.hostname, parts.port or 8021, unquote(parts.password)
 
 
+def _quiet(future: asyncio.Future) -> None:
+    future.cancelled() or future.exception()
+
+
 class ESLClient(EventLink):
     protocol = "ESL"
+    peer = "FreeSWITCH"
     error = ESLError
 
     def __init__(self, url: str, on_event: Callable[[esl.Event], None],
@@ -53,7 +58,7 @@ class ESLClient(EventLink):
         await super()._session()
 
     async def _login(self) -> None:
-        await self._reply(self._writer, asyncio.shield(self._greeted))  # auth/request first
+        await self._reply(self._out, self._greeted)  # auth/request first
         reply = await self.send(esl.auth(self._password), require_connected=False)
         if not reply.ok:
             raise ESLError(f"auth refused: {reply.text}")
@@ -65,29 +70,27 @@ class ESLClient(EventLink):
     async def _ping(self) -> None:
         await self.api("status")
 
-    async def _read(self, reader: asyncio.StreamReader) -> None:
-        parser = esl.ESLReader()
-        while True:
-            data = await reader.read(65536)
-            if not data:
-                raise ESLError("connection closed by FreeSWITCH")
-            for message in parser.feed(data):
-                if isinstance(message, esl.Event):
-                    self.on_event(message)
-                elif isinstance(message, esl.CommandReply | esl.ApiResponse):
-                    if not self._pending:
-                        raise ESLError(f"a reply nobody asked for: {message!r}")
-                    future = self._pending.popleft()
-                    if not future.done():
-                        future.set_result(message)
-                elif isinstance(message, esl.AuthRequest):
-                    if not self._greeted.done():
-                        self._greeted.set_result(None)
-                elif isinstance(message, esl.DisconnectNotice):
-                    raise ESLError("FreeSWITCH ended the connection")
-                elif message.content_type == "text/rude-rejection":
-                    raise ESLError("refused by FreeSWITCH (apply-inbound-acl): "
-                                   + message.body.decode("ascii", "replace").strip())
+    def _begin(self) -> None:
+        self._parser = esl.ESLReader()
+
+    def _feed(self, data: bytes) -> None:
+        for message in self._parser.feed(data):
+            if isinstance(message, esl.Event):
+                self.on_event(message)
+            elif isinstance(message, esl.CommandReply | esl.ApiResponse):
+                if not self._pending:
+                    raise ESLError(f"a reply nobody asked for: {message!r}")
+                future = self._pending.popleft()
+                if not future.done():
+                    future.set_result(message)
+            elif isinstance(message, esl.AuthRequest):
+                if not self._greeted.done():
+                    self._greeted.set_result(None)
+            elif isinstance(message, esl.DisconnectNotice):
+                raise ESLError("FreeSWITCH ended the connection")
+            elif message.content_type == "text/rude-rejection":
+                raise ESLError("refused by FreeSWITCH (apply-inbound-acl): "
+                               + message.body.decode("ascii", "replace").strip())
 
     def _fail_pending(self, error: LinkError) -> None:
         while self._pending:
@@ -106,8 +109,9 @@ class ESLClient(EventLink):
         futures = [asyncio.get_running_loop().create_future() for _ in commands]
         self._pending.extend(futures)
         writer.write(b"".join(commands))
-        waiting = asyncio.gather(*futures)
-        # After a timeout the link drops and fails these futures: nobody reads that.
-        waiting.add_done_callback(lambda done: done.cancelled() or done.exception())
-        replies = await self._reply(writer, waiting, timeout)
+        for future in futures[:-1]:  # failed with the link, they are not awaited: no noise
+            future.add_done_callback(_quiet)
+        # Replies come in order: the last one's arrival means all are in.
+        await self._reply(writer, futures[-1], timeout)
+        replies = [future.result() for future in futures]
         return replies[0] if len(replies) == 1 else replies

@@ -224,7 +224,7 @@ class OutboundSession(SetupConnection):
                     self.transport.abort()
                     return
                 self.channel = message
-                self.task = asyncio.ensure_future(self._decide())
+                self.task = asyncio.get_running_loop().create_task(self._decide())
                 return
             self.replies -= 1
             if not message.ok:

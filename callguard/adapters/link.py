@@ -6,7 +6,9 @@ later is wrong for callguard, so the supervisor decides again instead. A
 keepalive every `keepalive` seconds, and any command left unanswered for
 `timeout` seconds, drops the connection (a black-holed link sends no FIN);
 whatever goes wrong in a session, the link logs it and reconnects with backoff.
-A subclass speaks its protocol: `_login`, `_read`, `_ping`, `_fail_pending`.
+A subclass speaks its protocol: `_login`, `_begin` (a new parser), `_feed` (bytes as they
+come, in the event loop's own callback: no reader task and no stream buffer between the
+socket and the parser), `_ping`, `_fail_pending`.
 With a TLS context the link speaks TLS, checking the certificate and that it names the
 host it connects to; a handshake that fails is one more link failure.
 """
@@ -17,6 +19,8 @@ import asyncio
 import logging
 import ssl
 from collections.abc import Awaitable, Callable
+
+from ..coalesce import CoalescedWrites
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +60,42 @@ def _task(coro) -> asyncio.Task:
     return task
 
 
+class _Stream(asyncio.Protocol):
+    """A link's connection: bytes to the link as they come; the end (EOF, a reset, or what
+    the link raised on the bytes) to `ended`."""
+
+    def __init__(self, link: EventLink):
+        self.link = link
+        self.ended = asyncio.get_running_loop().create_future()
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        if self.ended.done():
+            return
+        try:
+            self.link._feed(data)
+        except Exception as exc:  # noqa: BLE001 - a broken stream ends the session
+            self._end(exc)
+
+    def eof_received(self) -> bool:
+        self._end(self.link.error(f"connection closed by {self.link.peer}"))
+        return False
+
+    def connection_lost(self, exc) -> None:
+        self._end(exc or self.link.error(f"connection closed by {self.link.peer}"))
+
+    def _end(self, exc: BaseException) -> None:
+        if not self.ended.done():
+            self.ended.set_exception(exc)
+        self.transport.abort()
+
+
 class EventLink:
     protocol = "PBX"
+    peer = "the PBX"
     error: type[LinkError] = LinkError
 
     def __init__(self, host: str, port: int, on_login: Callable[[], Awaitable[None]] | None,
@@ -66,7 +104,8 @@ class EventLink:
         self.tls = tls
         self.on_login = on_login
         self.timeout, self.keepalive = timeout, keepalive
-        self._writer: asyncio.StreamWriter | None = None
+        self._transport: asyncio.Transport | None = None
+        self._out: CoalescedWrites | None = None  # what commands are written to
         self.connected = asyncio.Event()
         self.logins = 0  # every login since the start (the metrics count reconnects)
 
@@ -93,10 +132,15 @@ class EventLink:
 
     async def _session(self) -> None:
         tls = {"ssl": self.tls, "server_hostname": self.host} if self.tls else {}
-        reader, writer = await asyncio.wait_for(  # the handshake, if any, within it too
-            asyncio.open_connection(self.host, self.port, **tls), self.timeout)
-        self._writer = writer
-        tasks = {_task(self._read(reader))}
+        self._begin()
+        loop = asyncio.get_running_loop()
+        transport, stream = await asyncio.wait_for(  # the handshake, if any, within it too
+            loop.create_connection(lambda: _Stream(self), self.host, self.port, **tls),
+            self.timeout)
+        self._transport = transport
+        self._out = CoalescedWrites(transport)
+        stream.ended.add_done_callback(lambda f: f.cancelled() or f.exception())
+        tasks = {stream.ended}
         try:
             await self._login()
             log.info("%s logged in to %s:%s%s", self.protocol, self.host, self.port,
@@ -122,35 +166,47 @@ class EventLink:
 
     def _drop(self) -> None:
         self.connected.clear()
-        if self._writer:
-            self._writer.transport.abort()
-            self._writer = None
+        if self._transport:
+            self._transport.abort()
+            self._transport = self._out = None
         self._fail_pending(self.error(f"{self.protocol} connection lost"))
 
-    def _writer_for(self, require_connected: bool) -> asyncio.StreamWriter:
-        if self._writer is None or (require_connected and not self.connected.is_set()):
+    def _writer_for(self, require_connected: bool) -> CoalescedWrites:
+        if self._out is None or (require_connected and not self.connected.is_set()):
             raise self.error(f"{self.protocol} not connected")
-        return self._writer
+        return self._out
 
-    async def _reply(self, writer: asyncio.StreamWriter, waiting: Awaitable,
+    async def _reply(self, writer: CoalescedWrites, waiting: asyncio.Future,
                      timeout: float | None = None):
-        """What `waiting` gives within the timeout; else the link is dropped (the reader
-        sees the end and the session reconnects)."""
+        """What the future `waiting` gives within the timeout; else the link is dropped
+        (the reader sees the end and the session reconnects). A timer, not wait_for: this
+        runs for every command, and wait_for costs a task's worth of objects each time."""
         timeout = timeout or self.timeout
+        timer = asyncio.get_running_loop().call_later(timeout, self._overdue, writer, waiting,
+                                                      timeout)
         try:
-            return await asyncio.wait_for(waiting, timeout)
-        except TimeoutError:
-            if writer is self._writer:
-                log.warning("%s %s:%s: no reply within %.1f s; dropping the link",
-                            self.protocol, self.host, self.port, timeout)
-                writer.transport.abort()
-            raise self.error(f"no reply within {timeout} s") from None
+            return await waiting
+        finally:
+            timer.cancel()
+
+    def _overdue(self, writer: CoalescedWrites, waiting: asyncio.Future,
+                 timeout: float) -> None:
+        if waiting.done():
+            return
+        if writer is self._out:
+            log.warning("%s %s:%s: no reply within %.1f s; dropping the link",
+                        self.protocol, self.host, self.port, timeout)
+            writer.transport.abort()
+        waiting.set_exception(self.error(f"no reply within {timeout} s"))
 
     # -- the protocol's part -----------------------------------------------------------
     async def _login(self) -> None:
         raise NotImplementedError
 
-    async def _read(self, reader: asyncio.StreamReader) -> None:
+    def _begin(self) -> None:
+        raise NotImplementedError
+
+    def _feed(self, data: bytes) -> None:
         raise NotImplementedError
 
     async def _ping(self) -> None:

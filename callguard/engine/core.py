@@ -118,8 +118,9 @@ class Keys:
         return f"{self.prefix}:node:{name}"
 
     def session_keys(self, a: str, channel: str) -> list[str]:
-        shard = shard_of(a)
-        return [self.account(a), self.session(a, channel), self.live(shard), self.events(shard)]
+        """What every call step's script touches: built on every step, so one CRC."""
+        tag = self._tags[shard_of(a)]
+        return [f"{tag}:a:{a}", f"{tag}:s:{a}/{channel}", f"{tag}:live", f"{tag}:ev"]
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,6 +17,7 @@ from urllib.parse import unquote, urlsplit
 import hiredis
 import redis
 
+from ..coalesce import CoalescedWrites
 from .connect import NO_TLS, RedisTLS
 
 
@@ -30,10 +31,12 @@ class _Protocol(asyncio.Protocol):
         self.reader = hiredis.Reader(encoding="utf-8", replyError=redis.ResponseError)
         self.waiting: collections.deque[asyncio.Future] = collections.deque()
         self.transport: asyncio.Transport | None = None
+        self.writes: CoalescedWrites | None = None  # a call setup's EVALSHA joins the others'
         self.lost: Exception | None = None
 
     def connection_made(self, transport) -> None:
         self.transport = transport
+        self.writes = CoalescedWrites(transport)
 
     def data_received(self, data: bytes) -> None:
         self.reader.feed(data)
@@ -74,9 +77,6 @@ class PipelinedRedis:
         self._lock = asyncio.Lock()
 
     async def _connection(self) -> _Protocol:
-        protocol = self._protocol
-        if protocol is not None and protocol.lost is None:
-            return protocol
         async with self._lock:  # one reconnect for everybody waiting
             if self._protocol is None or self._protocol.lost is not None:
                 self._protocol = await self._connect()
@@ -104,16 +104,22 @@ class PipelinedRedis:
     def _call(protocol: _Protocol, *parts) -> asyncio.Future:
         future = asyncio.get_running_loop().create_future()
         protocol.waiting.append(future)
-        protocol.transport.write(_pack(*parts))
+        protocol.writes.write(_pack(*parts))
         return future
 
     async def execute(self, *parts):
-        return await self._call(await self._connection(), *parts)
+        protocol = self._protocol
+        if protocol is None or protocol.lost is not None:
+            protocol = await self._connection()
+        return await self._call(protocol, *parts)
 
     async def evalsha(self, sha: str, source: str, keys: list, args: list):
         """EVALSHA, loading the script once if Redis does not know it (restart, flush)."""
+        protocol = self._protocol  # inline, not execute(): one coroutine less per call step
+        if protocol is None or protocol.lost is not None:
+            protocol = await self._connection()
         try:
-            return await self.execute("EVALSHA", sha, len(keys), *keys, *args)
+            return await self._call(protocol, "EVALSHA", sha, len(keys), *keys, *args)
         except redis.ResponseError as exc:
             if not str(exc).startswith("NOSCRIPT"):
                 raise

@@ -37,6 +37,7 @@ __all__ = [
 MAX_COMMAND_BYTES = 2047
 
 _HEADER_KEY = re.compile(r"agi_[a-z0-9_]+")
+_HEADER_KEYS = re.compile(r"agi_[a-z0-9_]+(?:\nagi_[a-z0-9_]+)*")  # keys joined by "\n"
 _HEADER_LINE = re.compile(r"^(agi_[a-z0-9_]+): (.*)$", re.MULTILINE)
 _ARG_KEY = re.compile(r"agi_arg_([1-9][0-9]*)")
 _REPLY = re.compile(r"([1-5][0-9][0-9])([ -])(.*)")
@@ -102,22 +103,15 @@ class AGIRequest:
                 raise ProtocolError(f"AGI request without {key}")
         # Present only if the agi:// URL has a path; the query string stays in it.
         script, _, query = headers.get("agi_network_script", "").partition("?")
-        try:
-            parsed = parse_qs(
-                query,
-                keep_blank_values=True,
-                strict_parsing=True,
-                max_num_fields=max_params,
-                errors="strict",
-            )
-        except ValueError as exc:  # includes UnicodeDecodeError from a bad %-escape
-            raise ProtocolError(f"bad AGI script query {query!r}: {exc}") from exc
-        params = {key: values[-1] for key, values in parsed.items()}
-        numbers = sorted(int(m[1]) for key in headers
-                         if key.startswith("agi_arg_") and (m := _ARG_KEY.fullmatch(key)))
-        if numbers != list(range(1, len(numbers) + 1)):
-            raise ProtocolError(f"AGI arguments are not agi_arg_1..N: {numbers}")
-        args = [headers[f"agi_arg_{n}"] for n in numbers]
+        params = _params(query, max_params) if query else {}
+        args: list[str] = []
+        while (value := headers.get(f"agi_arg_{len(args) + 1}")) is not None:
+            args.append(value)
+        if ("\n" + "\n".join(headers)).count("\nagi_arg_") != len(args):
+            numbers = sorted(int(m[1]) for key in headers
+                             if key.startswith("agi_arg_") and (m := _ARG_KEY.fullmatch(key)))
+            if numbers != list(range(1, len(numbers) + 1)):
+                raise ProtocolError(f"AGI arguments are not agi_arg_1..N: {numbers}")
         return cls(headers, script, params, args)
 
     @property
@@ -140,6 +134,20 @@ class AGIRequest:
     def callerid(self) -> str:
         """Raw ``agi_callerid``: Asterisk writes ``unknown`` when there is none."""
         return self.headers.get("agi_callerid", "")
+
+
+def _params(query: str, max_params: int) -> dict[str, str]:
+    try:
+        parsed = parse_qs(
+            query,
+            keep_blank_values=True,
+            strict_parsing=True,
+            max_num_fields=max_params,
+            errors="strict",
+        )
+    except ValueError as exc:  # includes UnicodeDecodeError from a bad %-escape
+        raise ProtocolError(f"bad AGI script query {query!r}: {exc}") from exc
+    return {key: values[-1] for key, values in parsed.items()}
 
 
 class AGIRequestReader:
@@ -204,20 +212,31 @@ class AGIRequestReader:
         _check_no_cr(block)
         self._consumed += len(block)
         self._check_size(0)
-        lines = block[:-1].split(b"\n")
-        _check_line_lengths(lines, b"", self.max_line)
+        if len(block) > self.max_line:  # else no line of it can be too long
+            _check_line_lengths(block[:-1].split(b"\n"), b"", self.max_line)
         text = _decode(block)
-        pairs = _HEADER_LINE.findall(text)
-        if len(pairs) != len(lines):
-            raise _bad_header(text)
-        if len(self._headers) + len(pairs) > self.max_headers:
+        lines = text[:-1].split("\n")
+        # One partition a line and one match over all keys: this runs on every call setup.
+        parts = [line.partition(": ") for line in lines]
+        headers = {key: value for key, sep, value in parts if sep}
+        if len(headers) != len(lines) or not _HEADER_KEYS.fullmatch("\n".join(headers)):
+            pairs = _HEADER_LINE.findall(text)
+            if len(pairs) != len(lines):
+                raise _bad_header(text)
+            if len(self._headers) + len(pairs) > self.max_headers:
+                raise ProtocolError(f"more than {self.max_headers} AGI headers")
+            raise ProtocolError(f"repeated AGI header {_repeated(pairs)}")
+        if len(self._headers) + len(headers) > self.max_headers:
             raise ProtocolError(f"more than {self.max_headers} AGI headers")
-        headers = dict(pairs)
-        if len(headers) != len(pairs) or not self._headers.keys().isdisjoint(headers):
-            seen = set(self._headers)
-            key = next(k for k, _ in pairs if k in seen or seen.add(k))
-            raise ProtocolError(f"repeated AGI header {key}")
+        if not self._headers.keys().isdisjoint(headers):
+            raise ProtocolError(
+                f"repeated AGI header {_repeated([*self._headers.items(), *headers.items()])}")
         self._headers.update(headers)
+
+
+def _repeated(pairs) -> str:
+    seen: set[str] = set()
+    return next(key for key, _ in pairs if key in seen or seen.add(key))
 
 
 def _bad_header(text: str) -> ProtocolError:

@@ -43,6 +43,9 @@ __all__ = [
 _BANNER = b"Asterisk Call Manager/"
 _VERSION = re.compile(r"[0-9]+(?:\.[0-9]+)*")
 _KEY = re.compile(r"[A-Za-z0-9_-]+")
+# The keys callguard's own actions use: known good, neither matched nor lowered again.
+_GOOD_KEYS = frozenset({"Channel", "Timeout", "Cause", "Variable", "Username", "Secret",
+                        "Events", "EventMask", "Operation", "Filter"})
 
 # manager.c reads action lines into char inbuf[1025]: a line (with "\r\n") longer than 1024
 # bytes is discarded with a warning, and the action silently loses that header.
@@ -226,11 +229,12 @@ def format_action(
         raise ProtocolError(f"AMI action with more than {MAX_ACTION_FIELDS} lines")
     # Asterisk looks headers up case-insensitively and takes the first: a second Action or
     # ActionID would be ignored or, worse, shadow ours.
-    if any(str(key).lower() in ("action", "actionid") for key, _ in pairs):
+    if not _GOOD_KEYS.issuperset([key for key, _ in pairs]) and any(
+            str(key).lower() in ("action", "actionid") for key, _ in pairs):
         raise ProtocolError("Action/ActionID given twice")
     out = []
     for key, value in [("Action", action), ("ActionID", action_id), *pairs]:
-        if not _KEY.fullmatch(key):
+        if key not in _GOOD_KEYS and key not in ("Action", "ActionID") and not _KEY.fullmatch(key):
             raise ProtocolError(f"bad AMI key {key[:80]!r}")
         _check_value(value)
         try:
