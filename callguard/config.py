@@ -45,6 +45,10 @@ class Settings:
     esl_url: str | None = _secret()
     agi_bind: str = "127.0.0.1:4573"
     esl_bind: str = "127.0.0.1:8084"
+    # SO_REUSEPORT on the FastAGI / outbound ESL listener: several serve processes share
+    # the port (each with its own node). Off by default: a second copy of callguard started
+    # by mistake (another prefix or Redis, which no node lease sees) would take calls.
+    reuse_port: bool = False
     quota_seconds: int = 60
     failure_policy: str = "fail_closed"
     smtp_url: str | None = _secret()
@@ -144,6 +148,8 @@ _INTS = {
     "fail_open_grant", "ghost_seconds", "unconfirmed_per_account", "unconfirmed_rate_per_peer",
     "unconfirmed_burst_per_peer",
 }
+_BOOLS = {"reuse_port"}
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
 def default_home(env) -> Path:
@@ -210,6 +216,11 @@ def _coerce(name: str, value):
             return int(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{name} must be a whole number, not {value!r}") from None
+    if name in _BOOLS:
+        text = str(value).lower()  # TOML true/false too
+        if text not in _TRUE + _FALSE:
+            raise ConfigError(f"{name} must be 1 or 0 (true or false), not {value!r}")
+        return text in _TRUE
     if name in ("agi_allow", "esl_allow"):
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]

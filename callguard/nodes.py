@@ -30,7 +30,8 @@ class NodeClash(RuntimeError):
 
 
 def default_node(role: str, port: int | None = None) -> str:
-    """`host:port` for a server (two cannot listen on one port), `host:worker` for a worker."""
+    """`host:port` for a server, `host:worker` for a worker. Servers sharing a port
+    (SO_REUSEPORT) need CALLGUARD_NODE each; `serve --workers` names its own (workers.py)."""
     host = socket.gethostname().split(".")[0] or "localhost"
     return f"{host}:{port}" if port else f"{host}:{role}"
 

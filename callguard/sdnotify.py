@@ -24,6 +24,12 @@ from its event loop every ``watchdog_interval()``, ``STOPPING=1`` on SIGTERM; ``
 sends ``READY=1`` once it holds its node lease, ``WATCHDOG=1`` from its main loop (also
 while it waits for Redis or the books at its start), ``STOPPING=1`` on SIGTERM.
 ``worker --once`` and the other commands send nothing.
+
+``serve --workers N`` (callguard/workers.py): the parent is the main process and the one
+that speaks to systemd. Its workers' ``NOTIFY_SOCKET`` is a socket of the parent's own,
+where they send what a single serve sends; the parent sends ``READY=1`` once every
+worker has, ``STATUS=`` lines of how many serve, ``WATCHDOG=1`` from its own loop and
+``STOPPING=1`` on SIGTERM.
 """
 
 from __future__ import annotations

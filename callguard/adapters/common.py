@@ -76,8 +76,11 @@ class PBXAdapter:
     async def start(self, host: str, port: int) -> None:
         await self.control.start()
         loop = asyncio.get_running_loop()
+        # reuse_port: several serve processes on this port, the kernel spreads the
+        # connections (workers.py); each process acts on its own sessions only.
         self.server = await loop.create_server(lambda: self.connection(self), host, port,
-                                               reuse_address=True, backlog=1024)
+                                               reuse_address=True, backlog=1024,
+                                               reuse_port=self.settings.reuse_port)
         if self.link:
             self._link_task = asyncio.ensure_future(self.link.run())
         else:

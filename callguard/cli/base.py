@@ -12,7 +12,7 @@ import click
 from .. import service
 from ..books.database import upgrade
 from ..config import ConfigError, carries_password, load_settings
-from ..logs import JsonFormatter
+from ..logs import TEXT_FORMAT, JsonFormatter
 from ..money import AmountError, parse_amount
 from ..refusals import explain
 
@@ -101,8 +101,7 @@ def cli(ctx, config_file, home, redis_url, database_url, verbose, log_format):
         handler.setFormatter(JsonFormatter())
         logging.basicConfig(level=level, handlers=[handler])
     else:
-        logging.basicConfig(level=level,
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        logging.basicConfig(level=level, format=TEXT_FORMAT)
     for option, value in (("--redis-url", redis_url), ("--database-url", database_url)):
         if carries_password(value):
             name = "CALLGUARD_" + option[2:].replace("-", "_").upper()

@@ -3,11 +3,14 @@
 
 from __future__ import annotations
 
+import errno
 import logging
+import sys
 
 import click
 
 from .. import sync
+from ..logs import tag_lines
 from ..nodes import default_node
 from .base import Refused, app_of, cli, emit, refusals
 
@@ -22,10 +25,31 @@ def serve():
     """
 
 
-@serve.command("asterisk")
+WORKERS_HELP = """\b
+Several processes on one port (one Python process uses one core):
+  --workers N starts N serve processes that share the port (SO_REUSEPORT):
+  worker 1 is node CALLGUARD_NODE (default HOST:PORT) with HTTP on
+  CALLGUARD_HTTP_BIND, worker k node NODE.k with HTTP on that port + k - 1
+  (/metrics, /healthz, /readyz of each: scrape them all). A worker that dies
+  is started again under its node and resumes its calls. Or start processes
+  yourself, each with CALLGUARD_REUSE_PORT=1 and its own CALLGUARD_NODE and
+  CALLGUARD_HTTP_BIND."""
+
+
+def serve_options(fn):
+    fn = click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True,
+                      help="Serve processes sharing the port (SO_REUSEPORT), each with its "
+                           "own node, event link and HTTP port.")(fn)
+    # A worker of --workers: which one, and its parent (it stops when the parent dies).
+    fn = click.option("--slot", type=click.IntRange(1, 64), hidden=True)(fn)
+    return click.option("--parent", type=int, hidden=True)(fn)
+
+
+@serve.command("asterisk", epilog=WORKERS_HELP)
+@serve_options
 @click.pass_context
 @refusals
-def serve_asterisk(ctx):
+def serve_asterisk(ctx, workers, slot, parent):
     """FastAGI server for the dialplan's authorize, AMI client for supervision.
 
     Needs CALLGUARD_AMI_URL (ami://user:secret@host:5038, or amis://...:5039 for AMI over
@@ -35,16 +59,18 @@ def serve_asterisk(ctx):
     \b
     Example:
       CALLGUARD_AMI_URL_FILE=/etc/credstore/callguard.ami_url callguard serve asterisk
+      CALLGUARD_HTTP_BIND=127.0.0.1:9470 callguard serve asterisk --workers 2
     """
     from ..adapters.asterisk import AsteriskAdapter
 
-    _serve(ctx, AsteriskAdapter)
+    _serve(ctx, AsteriskAdapter, workers, slot, parent)
 
 
-@serve.command("freeswitch")
+@serve.command("freeswitch", epilog=WORKERS_HELP)
+@serve_options
 @click.pass_context
 @refusals
-def serve_freeswitch(ctx):
+def serve_freeswitch(ctx, workers, slot, parent):
     """Outbound ESL server for the dialplan's `socket`, inbound ESL client for supervision.
 
     Needs CALLGUARD_ESL_URL (esl://:password@host:8021) to supervise calls, or
@@ -53,10 +79,11 @@ def serve_freeswitch(ctx):
     \b
     Example:
       CALLGUARD_ESL_URL_FILE=/etc/credstore/callguard.esl_url callguard serve freeswitch
+      CALLGUARD_HTTP_BIND=127.0.0.1:9480 callguard serve freeswitch --workers 2
     """
     from ..adapters.freeswitch import FreeSWITCHAdapter
 
-    _serve(ctx, FreeSWITCHAdapter)
+    _serve(ctx, FreeSWITCHAdapter, workers, slot, parent)
 
 
 def service_logging() -> None:
@@ -67,19 +94,65 @@ def service_logging() -> None:
         root.setLevel(logging.INFO)
 
 
-def _serve(ctx, adapter_class) -> None:
+def _serve(ctx, adapter_class, workers: int = 1, slot: int | None = None,
+           parent: int | None = None) -> None:
     from ..adapters.common import serve as run
 
     service_logging()
     app = app_of(ctx)
+    if workers > 1:
+        ctx.exit(_serve_workers(ctx, adapter_class, workers))
+    if parent and not _workers().child_of(parent):
+        raise Refused(f"the --workers process that started this one (pid {parent}) is gone")
     adapter = adapter_class(app)
+    if slot:
+        tag_lines(adapter.control.node)
     try:
         status = run(adapter)
     except OSError as exc:
         bind = getattr(adapter.settings, adapter.bind_setting)
+        hint = ""
+        if exc.errno == errno.EADDRINUSE and not adapter.settings.reuse_port:
+            hint = (" (for several serve processes on one port: --workers N, or "
+                    "CALLGUARD_REUSE_PORT=1 on each, each with its own CALLGUARD_NODE)")
         raise Refused(f"cannot listen for {adapter.setup_protocol} on {bind}: "
-                      f"{exc.strerror or exc}") from None
+                      f"{exc.strerror or exc}{hint}") from None
     ctx.exit(status)
+
+
+def _workers():
+    from .. import workers  # the parent's part: only for --workers
+
+    return workers
+
+
+def _serve_workers(ctx, adapter_class, workers: int) -> int:
+    """The parent of `--workers N`: it serves nothing itself (workers.py)."""
+    settings = app_of(ctx).settings
+    pbx = adapter_class.name.lower()
+    bind = getattr(settings, adapter_class.bind_setting)
+    slots = _workers().plan(settings, pbx, adapter_class.bind_setting, workers)
+    return _workers().serve(_worker_command(ctx), slots, f"{adapter_class.setup_protocol} "
+                            f"on {bind}")
+
+
+def _worker_command(ctx) -> list[str]:
+    """This command line for a worker: the root options as they were given (or came from
+    the environment), the same serve command, no --workers."""
+    root = ctx.find_root()
+    argv = [sys.executable, "-m", "callguard"]
+    for param in root.command.params:
+        value = root.params.get(param.name)
+        if not isinstance(param, click.Option) or value is None or value is False:
+            continue
+        flag = param.opts[-1]
+        if param.count:
+            argv += [flag] * value
+        elif param.is_flag:
+            argv.append(flag)
+        else:
+            argv += [flag, str(value)]
+    return [*argv, ctx.parent.info_name, ctx.info_name]
 
 
 @cli.command()
