@@ -27,6 +27,12 @@ Examples:
   .venv/bin/python bench/agi_load.py --find-max --target callguard
   .venv/bin/python bench/agi_load.py --target redis --lua authorize --find-max
   .venv/bin/python bench/agi_load.py --quick
+
+Pinned by default where taskset exists (--no-pin): this generator on CPU 0, the
+servers on CPU 1 (and Redis, unless it is the machine's shared one). With the callguard
+target the floor (minimal_agi.py) is measured in the same invocation, its runs in turn
+with callguard's, and printed beside it (--no-floor). The RESULT and the whole output
+are kept in bench/results/ (--results-dir, --no-results); bench/compare.py compares two.
 """
 
 from __future__ import annotations
@@ -296,13 +302,14 @@ class Generator:
 
 # -- the server under test ---------------------------------------------------------------------
 
-def start_target(args, env: BenchEnv | None,
-                 pbx: common.ThreadedAsterisk | None = None) -> Subprocess | None:
-    if args.target == "redis":
+def start_target(args, env: BenchEnv | None, pbx: common.ThreadedAsterisk | None = None,
+                 target: str | None = None) -> Subprocess | None:
+    target = target or args.target
+    if target == "redis":
         return None
-    port = args.port or common.free_port()
-    cpu = 1 if args.pin else None
-    if args.target == "callguard":
+    port = (args.port if target == args.target else 0) or common.free_port()
+    cpu = args.pinning["server"]
+    if target == "callguard":
         # An AMI peer: without an event link the serve process denies every call
         # (fail_closed); nothing is answered here, so it only tracks the calls it allows.
         args.http_port = common.free_port()  # /metrics, scraped with --scrape-every
@@ -358,6 +365,8 @@ def run_once(gen: Generator, meter_pids: dict, rate: float, duration: float,
     if "cpu_server" in result and result["achieved"] > 0:
         # Server CPU per call: comparable across targets whatever the generator could do.
         result["srv_us_per_call"] = result["cpu_server"] / result["achieved"] * 1e6
+    if "cpu_redis" in result and result["achieved"] > 0:
+        result["redis_us_per_call"] = result["cpu_redis"] / result["achieved"] * 1e6
     result["gen_us_per_call"] = result["gen_cpu"] / max(result["achieved"], 1e-9) * 1e6
     result["generator_bound"] = bool(result["lag_p99_ms"] > 20 or result["gen_cpu"] > 0.9)
     return result
@@ -408,6 +417,10 @@ def main() -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target", choices=("callguard", "minimal", "redis"),
                         default="callguard")
+    parser.add_argument("--no-floor", action="store_true",
+                        help="callguard: do not measure the floor (minimal_agi.py) in the same "
+                             "invocation (by default each callguard run is followed by a floor "
+                             "run at the same rate, and the two are printed side by side)")
     parser.add_argument("--rate", type=float, default=1000.0, help="calls per second (1000)")
     parser.add_argument("--duration", type=float, default=20.0, help="seconds per run (20)")
     parser.add_argument("--runs", type=int, default=3, help="repeat each measurement (3)")
@@ -438,8 +451,7 @@ def main() -> int:
                         help="redis target: callguard's call-path client (pipelined, one "
                              "connection, hiredis) or redis-py's pooled asyncio client")
     parser.add_argument("--port", type=int, default=0, help="FastAGI port (default: a free one)")
-    parser.add_argument("--pin", action="store_true",
-                        help="pin the server to CPU 1 and this generator to CPU 0")
+    common.add_pin_args(parser)
     parser.add_argument("--no-uvloop", action="store_true", help="generator: plain asyncio")
     parser.add_argument("--py-spy", metavar="FILE",
                         help="profile the server with py-spy during the first measured run "
@@ -464,17 +476,19 @@ def main() -> int:
             args.runs = 1
             args.step = max(args.step, 500.0)
             args.max_rate = min(args.max_rate, args.start_rate + 3 * args.step)
+    floor = args.target == "callguard" and not args.no_floor
 
+    common.keep_results(args)
     common.raise_fd_limit()
-    info = print_machine()
+    args.pinning = common.pin_processes(args, args.redis_url)
+    info = print_machine(pinning=args.pinning)
     uv = False if args.no_uvloop else common.install_uvloop()
-    if args.pin:
-        os.sched_setaffinity(0, {0})
     print(f"# generator event loop: {'uvloop' if uv else 'asyncio'}; target {args.target}"
-          + (f" (--lua {args.lua}, --client {args.client})" if args.target == "redis" else ""))
+          + (f" (--lua {args.lua}, --client {args.client})" if args.target == "redis" else "")
+          + ("; the floor (minimal_agi.py) measured in turn with it" if floor else ""))
 
     env = BenchEnv(args.redis_url, keep=args.keep)  # a temp dir; Redis/SQL only if set up
-    server = None
+    servers = []
     pbx = None
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
@@ -488,6 +502,7 @@ def main() -> int:
             if args.target == "callguard":
                 pbx = common.ThreadedAsterisk()
             server = start_target(args, env, pbx)
+            servers.append(server)
             engine = None
             if args.target == "redis":
                 from callguard.engine.connect import connect_async
@@ -505,6 +520,8 @@ def main() -> int:
             if env.accounts:
                 gen.drop_sessions = (lambda: end_calls(gen, env, pbx)) if pbx else \
                     env.drop_sessions
+            else:
+                gen.drop_sessions = gen.placed.clear
             if engine is not None:
                 script = engine.client.register_script("return 1")
                 gen.trivial = (lambda keys, args: script(keys=keys, args=args))
@@ -512,45 +529,46 @@ def main() -> int:
                     source, sha = "return 1", script.sha
                     gen.trivial = (lambda keys, args: engine.pipelined.evalsha(
                         sha, source, keys, args))
-            pids = {"server": server.pid if server else None,
-                    "redis": common.redis_pid(args.redis_url)}
+            redis = common.redis_pid(args.redis_url)
+            sides = [Side(args.target, gen, {"server": server.pid if server else None,
+                                             "redis": redis}, server)]
+            if floor:
+                floor_server = start_target(args, env, target="minimal")
+                servers.append(floor_server)
+                floor_gen = Generator(args, "minimal", floor_server.port, env.accounts)
+                floor_gen.drop_sessions = floor_gen.placed.clear
+                sides.append(Side("floor", floor_gen, {"server": floor_server.pid,
+                                                       "redis": redis}, floor_server))
             log_before = server.log_lines() if server else 0
 
             scraper = common.Scraper(args.http_port, args.scrape_every) if (
                 args.scrape_every and args.target == "callguard") else None
             if args.warmup > 0:
                 warm = 500.0 if args.find_max else min(args.rate, 500.0)
-                w = run_once(gen, pids, warm, args.warmup, loop.run_until_complete)
-                print(f"# warm-up: {w['ok']}/{w['sent']} ok, p99 {w['lat_p99_ms']:.2f} ms")
+                for side in sides:
+                    w = run_once(side.gen, side.pids, warm, args.warmup, loop.run_until_complete)
+                    print(f"# warm-up {side.label}: {w['ok']}/{w['sent']} ok, "
+                          f"p99 {w['lat_p99_ms']:.2f} ms")
 
             result = {"bench": "agi_load", "target": args.target, "machine": info,
                       "lua": args.lua if args.target == "redis" else None,
                       "client": args.client if args.target == "redis" else None}
             if args.find_max:
-                result.update(find_max(args, gen, pids, loop))
+                result.update(find_max_interleaved(args, sides, loop))
             else:
-                rows = []
-                for run in range(args.runs):
-                    if run:
-                        time.sleep(args.pause)
-                    spy = start_py_spy(args.py_spy, server, args.duration) if run == 0 else None
-                    r = run_once(gen, pids, args.rate, args.duration, loop.run_until_complete)
-                    if spy is not None:
-                        spy.wait(30)
-                        print(f"# py-spy profile of the server in run 1: {args.py_spy}")
-                    r["run"] = run + 1
-                    rows.append(r)
-                print_runs(rows, f"{args.target} at {args.rate:g}/s for {args.duration:g} s, "
-                                 f"{args.runs} run(s)")
-                summary = {k: spread([r.get(k, float("nan")) for r in rows]) for k in
-                           ("achieved", "lat_med_ms", "lat_p99_ms", "lat_max_ms", "errors",
-                            "cpu_server", "cpu_server_sys", "srv_us_per_call", "cpu_redis",
-                            "gen_cpu", "gen_us_per_call", "cpu_softirq", "cpu_steal", "cpu_other",
-                            "lag_p99_ms")}
-                print_table([{"metric": k, **v} for k, v in summary.items()],
-                            ["metric", "median", "min", "max"], "median and spread over runs")
-                result.update({"rate": args.rate, "duration": args.duration, "runs": rows,
-                               "summary": summary})
+                rows = interleaved_runs(args, sides, loop, start_py_spy)
+                for side in sides:
+                    name = "minimal (the floor)" if side.label == "floor" else args.target
+                    print_runs(rows[side.label], f"{name} at {args.rate:g}/s for "
+                                                 f"{args.duration:g} s, {args.runs} run(s)")
+                summaries = {label: summarize_runs(r, SUMMARY) for label, r in rows.items()}
+                result.update({"rate": args.rate, "duration": args.duration,
+                               "runs": rows[args.target], "summary": summaries[args.target]})
+                if floor:
+                    result["floor"] = {"target": "minimal", "server": "bench/minimal_agi.py",
+                                       "runs": rows["floor"], "summary": summaries["floor"]}
+                    result["vs_floor"] = vs_floor(rows[args.target], rows["floor"])
+                    print_vs_floor(rows[args.target], rows["floor"], args.target)
             if scraper:
                 result["scrapes"] = scraper.stop()
                 print(f"# scraper: {result['scrapes']}")
@@ -560,12 +578,13 @@ def main() -> int:
                     print(f"# server log: {new_lines} new line(s); last:\n{server.log_tail(5)}")
                 result["server_log_lines"] = new_lines
         finally:
-            if server:
-                server.stop()
+            for running in servers:
+                if running:
+                    running.stop()
             if pbx:
                 pbx.stop()
-        if server and args.gc_probe:
-            gc_summary = common.gcprobe_summary(server.log_path)
+        if servers and servers[0] and args.gc_probe:
+            gc_summary = common.gcprobe_summary(servers[0].log_path)
             print(f"# server GC: {gc_summary}")
             result["server_gc"] = gc_summary
         emit_json(result, args.json_out)
@@ -576,48 +595,153 @@ def main() -> int:
     return 0
 
 
+SUMMARY = ("achieved", "lat_med_ms", "lat_p99_ms", "lat_max_ms", "errors", "cpu_server",
+           "cpu_server_sys", "srv_us_per_call", "cpu_redis", "redis_us_per_call", "gen_cpu",
+           "gen_us_per_call", "cpu_softirq", "cpu_steal", "cpu_other", "lag_p99_ms")
+
+
+class Side(SimpleNamespace):
+    """One server measured in an invocation: the target, or the floor beside it."""
+
+    def __init__(self, label: str, gen, pids: dict, server: Subprocess | None):
+        super().__init__(label=label, gen=gen, pids=pids, server=server)
+
+
+def summarize_runs(rows: list[dict], keys) -> dict:
+    summary = {k: spread([r.get(k, float("nan")) for r in rows]) for k in keys}
+    print_table([{"metric": k, **v} for k, v in summary.items()],
+                ["metric", "median", "min", "max"], "median and spread over runs")
+    return summary
+
+
+def interleaved_runs(args, sides: list[Side], loop, start_spy) -> dict[str, list[dict]]:
+    """--runs runs of each side in turn (target run 1, floor run 1, target run 2, ...), so
+    a change in the machine's load during the invocation hits both alike."""
+    rows: dict[str, list[dict]] = {side.label: [] for side in sides}
+    for run in range(args.runs):
+        for side in sides:
+            if run or side is not sides[0]:
+                time.sleep(args.pause)
+            first = run == 0 and side is sides[0]
+            spy = start_spy(args.py_spy, side.server, args.duration) if first else None
+            r = run_once(side.gen, side.pids, args.rate, args.duration, loop.run_until_complete)
+            if spy is not None:
+                spy.wait(30)
+                print(f"# py-spy profile of the server in run 1: {args.py_spy}")
+            r["run"] = run + 1
+            rows[side.label].append(r)
+    return rows
+
+
+def vs_floor(rows: list[dict], floor_rows: list[dict]) -> dict:
+    """(serve + Redis) CPU per setup over the floor's CPU per setup, each run against the
+    floor run that followed it (the floor uses no Redis)."""
+    ratios = [(r["srv_us_per_call"] + r.get("redis_us_per_call", 0.0)) / f["srv_us_per_call"]
+              for r, f in zip(rows, floor_rows, strict=False)
+              if r.get("srv_us_per_call") and f.get("srv_us_per_call")]
+    return {"ratios": ratios, "ratio": spread(ratios)}
+
+
+def _mm(values, digits: int = 0) -> str:
+    """median (min-max) of per-run values."""
+    s = spread(values)
+    if s["median"] != s["median"]:
+        return "-"
+    return (f"{common.fmt(float(s['median']), digits)} ({common.fmt(float(s['min']), digits)}-"
+            f"{common.fmt(float(s['max']), digits)})")
+
+
+def print_vs_floor(rows: list[dict], floor_rows: list[dict], target: str,
+                   unit: str = "setup") -> None:
+    ratios = vs_floor(rows, floor_rows)["ratios"]
+    table = []
+    for label, runs in ((target, rows), ("floor", floor_rows)):
+        table.append({
+            "": label,
+            f"serve us/{unit}": _mm([r.get("srv_us_per_call", float("nan")) for r in runs]),
+            f"redis us/{unit}": _mm([r.get("redis_us_per_call", float("nan")) for r in runs]),
+            "(serve+redis)/floor": _mm(ratios, 2) if runs is rows else "1",
+            "achieved/s": _mm([r["achieved"] for r in runs]),
+            "p50 ms": _mm([r["lat_med_ms"] for r in runs], 2),
+            "p99 ms": _mm([r["lat_p99_ms"] for r in runs], 2),
+            "errors": _mm([r["errors"] for r in runs]),
+        })
+    print_table(table, list(table[0]), f"{target} beside the floor, same invocation, runs "
+                                       "interleaved: median (min-max)")
+    print("  the floor's Redis figure is other clients' use of the same Redis (the floor "
+          "uses none): the noise in the Redis column")
+
+
+def find_max_interleaved(args, sides: list[Side], loop) -> dict:
+    """find_max for the target and, search by search in turn, the floor beside it."""
+    searches: dict[str, list[dict]] = {side.label: [] for side in sides}
+    for search in range(args.runs):
+        for side in sides:
+            print(f"# search {search + 1}: {side.label}", flush=True)
+            searches[side.label].append(find_max_search(args, side.gen, side.pids, loop,
+                                                        search))
+    target = sides[0].label
+    out = find_max_report(args, searches[target], target)
+    if len(sides) > 1:
+        out["floor"] = {"target": "minimal",
+                        **find_max_report(args, searches["floor"], "minimal (the floor)")}
+        ratios = [(t["best"] or 0.0) / f["best"] for t, f in
+                  zip(searches[target], searches["floor"], strict=True) if f["best"]]
+        out["vs_floor"] = {"max_ratios": ratios, "max_ratio": spread(ratios)}
+        print(f"# highest sustained rate over the floor's, search by search: "
+              f"{', '.join(f'{r:.2f}' for r in ratios) or '-'}")
+    return out
+
+
 def find_max(args, gen: Generator, pids: dict, loop) -> dict:
     """Step up the rate; report the highest rate sustained (each of --runs searches)."""
-    searches = []
-    for search in range(args.runs):
-        steps, best, bad = [], None, None
+    searches = [find_max_search(args, gen, pids, loop, search) for search in range(args.runs)]
+    return find_max_report(args, searches, args.target)
 
-        def step(rate: float, label: str, steps=steps) -> dict:
-            """One measured step of this search, printed and kept."""
-            r = run_once(gen, pids, rate, args.step_seconds, loop.run_until_complete)
-            r["ok_step"] = sustained(r, args.max_error_rate)
-            r["run"] = label
-            steps.append(r)
-            _step_line(r)
-            time.sleep(args.pause)
-            return r
 
-        rate = args.start_rate
-        while rate <= args.max_rate:
-            r = step(rate, f"{search + 1}")
-            if not r["ok_step"]:
-                bad = rate
-                break
-            best = rate
-            rate += args.step
-        lo, hi = best, bad
-        for _ in range(args.refine if lo is not None and hi is not None else 0):
-            mid = round((lo + hi) / 2, -1)
-            if mid in (lo, hi):
-                break
-            r = step(mid, f"{search + 1}b")
-            if r["ok_step"]:
-                lo = mid
-            else:
-                hi = mid
-        best = lo
-        good = [s for s in steps if s["ok_step"] and s["rate"] == best]
-        p99_ok = [st["rate"] for st in steps if st["ok_step"] and st["lat_p99_ms"] < 10]
-        searches.append({"best": best, "first_bad": hi, "steps": steps,
-                         "best_step": good[-1] if good else None,
-                         "best_p99_under_10ms": max(p99_ok) if p99_ok else None})
-        print(f"# search {search + 1}: highest sustained rate {best} /s "
-              f"(first failing {hi})")
+def find_max_search(args, gen: Generator, pids: dict, loop, search: int) -> dict:
+    """One search: step the rate up from --start-rate to the first failing step, then
+    bisect between the last good and that (--refine times)."""
+    steps, best, bad = [], None, None
+
+    def step(rate: float, label: str) -> dict:
+        """One measured step of this search, printed and kept."""
+        r = run_once(gen, pids, rate, args.step_seconds, loop.run_until_complete)
+        r["ok_step"] = sustained(r, args.max_error_rate)
+        r["run"] = label
+        steps.append(r)
+        _step_line(r)
+        time.sleep(args.pause)
+        return r
+
+    rate = args.start_rate
+    while rate <= args.max_rate:
+        r = step(rate, f"{search + 1}")
+        if not r["ok_step"]:
+            bad = rate
+            break
+        best = rate
+        rate += args.step
+    lo, hi = best, bad
+    for _ in range(args.refine if lo is not None and hi is not None else 0):
+        mid = round((lo + hi) / 2, -1)
+        if mid in (lo, hi):
+            break
+        r = step(mid, f"{search + 1}b")
+        if r["ok_step"]:
+            lo = mid
+        else:
+            hi = mid
+    best = lo
+    good = [s for s in steps if s["ok_step"] and s["rate"] == best]
+    p99_ok = [st["rate"] for st in steps if st["ok_step"] and st["lat_p99_ms"] < 10]
+    print(f"# search {search + 1}: highest sustained rate {best} /s (first failing {hi})")
+    return {"best": best, "first_bad": hi, "steps": steps,
+            "best_step": good[-1] if good else None,
+            "best_p99_under_10ms": max(p99_ok) if p99_ok else None}
+
+
+def find_max_report(args, searches: list[dict], target: str) -> dict:
     bests = [s["best"] or 0.0 for s in searches]
     top = spread(bests)
     print_table([{"search": i + 1, "best": s["best"] or 0.0, "first_bad": s["first_bad"] or "-",
@@ -632,8 +756,8 @@ def find_max(args, gen: Generator, pids: dict, loop) -> dict:
                  for i, s in enumerate(searches)],
                 ["search", "best", "first_bad", "best_p99<10ms", "p99_at_best",
                  "us_per_call_at_best", "cpu_server", "cpu_redis", "gen_cpu", "cpu_other"],
-                f"find-max {args.target}")
-    print(f"# highest sustained rate: median {top['median']:g}/s "
+                f"find-max {target}")
+    print(f"# {target}: highest sustained rate: median {top['median']:g}/s "
           f"(min {top['min']:g}, max {top['max']:g})")
     return {"find_max": {"searches": searches, "best": top, "step_seconds": args.step_seconds,
                          "max_error_rate": args.max_error_rate}}

@@ -691,6 +691,7 @@ def main() -> int:
     parser.add_argument("--label", default="api_load", help="the 'file' of --json-out lines")
     parser.add_argument("--quick", action="store_true", help="2 s runs, 1 run, no warm-up")
     parser.add_argument("--keep", action="store_true", help="keep the temp dirs")
+    common.add_results_args(parser)
     parser.add_argument("--serve-minimal", type=int, metavar="PORT", help=argparse.SUPPRESS)
     parser.add_argument("--async-route", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -706,6 +707,7 @@ def main() -> int:
     if not shutil.which("wrk"):
         parser.error("wrk is not installed (apt-get install wrk)")
 
+    common.keep_results(args)
     info = print_machine()
     redis_pid = common.redis_pid(args.redis_url)
     if args.pin:
@@ -725,8 +727,7 @@ def main() -> int:
                       "pinning": {"server": SERVER_CPU, "wrk": LOAD_CPU, "redis": LOAD_CPU}
                       if args.pin else None, "server_env": args.server_env,
                       **run_database(args, database, redis_pid)}
-            line = json.dumps(result, sort_keys=True, default=common._json_default)
-            print("RESULT " + line, flush=True)
+            common.emit_json(result)
             if args.json_out:
                 with open(args.json_out, "a") as fh:
                     fh.write(json.dumps({"file": f"{args.label}-{database}", "result": result},

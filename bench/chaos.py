@@ -43,7 +43,9 @@ from urllib.parse import urlsplit, urlunsplit
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
+import common  # noqa: E402
 from sqlalchemy import create_engine, select  # noqa: E402
 
 from callguard import service  # noqa: E402
@@ -378,7 +380,9 @@ def main() -> int:
     parser.add_argument("--database-url", default="postgresql+psycopg://postgres@127.0.0.1/test")
     parser.add_argument("--quick", action="store_true", help="40 s, 100 accounts")
     parser.add_argument("--json-out")
+    common.add_results_args(parser)
     args = parser.parse_args()
+    common.keep_results(args)
     if args.quick:
         args.seconds, args.accounts = 40, 100
     if args.database_url.startswith("postgresql"):
@@ -397,7 +401,7 @@ def main() -> int:
     failures = verdict(result)
     result["failures"] = failures
     print(json.dumps(result, indent=2))
-    print("RESULT " + json.dumps(result))
+    common.emit_json(result)
     if args.json_out:
         with open(args.json_out, "a") as fh:
             fh.write(json.dumps(result) + "\n")

@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+AFFINITY = len(os.sched_getaffinity(0))  # CPUs this process may use, before any pinning
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 PREMIUM_PREFIX = "4190"
@@ -51,6 +52,7 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
                         help="also append the result JSON line to FILE")
     parser.add_argument("--keep", action="store_true",
                         help="keep the temp dir (serve logs, SQLite file) and the Redis keys")
+    add_results_args(parser)
 
 
 # -- the installation under test ------------------------------------------------------------
@@ -639,6 +641,8 @@ def emit_json(result: dict, json_out: str | None = None) -> None:
     if json_out:
         with open(json_out, "a") as fh:
             fh.write(line + "\n")
+    if _KEPT:
+        _write_kept(result)
     sys.stdout.flush()
 
 
@@ -667,35 +671,52 @@ def machine_info() -> dict:
         hi = hiredis.__version__
     except ImportError:
         hi = None
-    try:
-        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-                              capture_output=True, text=True, timeout=5).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain",
-                                "--untracked-files=no", "callguard"],
-                               capture_output=True, text=True, timeout=5).stdout.split("\n")
-        dirty = [line[3:] for line in dirty if line.strip()]
-    except (OSError, subprocess.SubprocessError):
-        head, dirty = "", []
+    git = git_state()
     return {
-        "git": head,
-        "dirty": dirty,
+        **git,
         "nproc": os.cpu_count(),
-        "affinity": len(os.sched_getaffinity(0)),
+        "affinity": AFFINITY,
         "cpu_model": model,
         "python": platform.python_version(),
         "uvloop": uv,
         "hiredis": hi,
         "loadavg": os.getloadavg()[0],
+        "loadavg_5_15": list(os.getloadavg()[1:]),
         "kernel": platform.release(),
     }
 
 
-def print_machine(info: dict | None = None) -> dict:
+def git_state() -> dict:
+    """The commit measured, and the files of callguard/ and bench/ changed from it (the
+    code under test and the generator; not the figures kept in bench/)."""
+    def git(*argv: str) -> str:
+        return subprocess.run(["git", "-C", str(ROOT), *argv], capture_output=True,
+                              text=True, timeout=5).stdout
+
+    try:
+        full = git("rev-parse", "HEAD")
+        changed = git("status", "--porcelain", "--untracked-files=no", "--", "callguard",
+                      "bench", ":!bench/results.jsonl", ":!bench/*.md")
+    except (OSError, subprocess.SubprocessError):
+        full, changed = "", ""
+    full = full.strip()
+    return {"git": full[:7], "git_full": full,
+            "dirty": [line[3:] for line in changed.splitlines() if line.strip()]}
+
+
+def print_machine(info: dict | None = None, pinning: dict | None = None) -> dict:
+    """Print the machine line (and where the processes are pinned, when the script pins:
+    `pinning` from `pin_processes`) and return the description, pinning included."""
     info = info or machine_info()
+    if pinning is not None:
+        info["pinning"] = pinning
     print(f"# machine: {info['nproc']} CPUs ({info['cpu_model']}), Python {info['python']}, "
           f"uvloop {info['uvloop']}, hiredis {info['hiredis']}, "
           f"load average {info['loadavg']:.2f}; callguard at {info['git']}"
-          + (f" with local changes in {', '.join(info['dirty'])}" if info["dirty"] else ""))
+          + (f" with local changes in {', '.join(info['dirty'])}" if info["dirty"] else "")
+          + ("" if pinning is None else "; pinned" if pinning["pinned"] else "; not pinned"))
+    if pinning is not None:
+        print(f"# pinning: {pinning['note']}")
     sys.stdout.flush()
     return info
 
@@ -749,3 +770,146 @@ def raise_fd_limit() -> int:
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     return hard
+
+
+# -- pinning ----------------------------------------------------------------------------------
+
+GENERATOR_CPU, SERVER_CPU = 0, 1
+SHARED_REDIS = ("127.0.0.1", 6379)  # the machine's Redis: other work uses it too
+
+
+def add_pin_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-pin", dest="pin", action="store_false", default=True,
+                        help=f"leave the scheduler alone (default: pinned where taskset exists "
+                             f"and CPUs {GENERATOR_CPU} and {SERVER_CPU} are ours: this "
+                             f"generator on CPU {GENERATOR_CPU}, the server on CPU "
+                             f"{SERVER_CPU}, and its Redis there too unless it is the "
+                             f"machine's shared one on port {SHARED_REDIS[1]})")
+    parser.add_argument("--pin", dest="pin", action="store_true",
+                        help="the default; accepted so old command lines still run")
+
+
+def pin_processes(args, redis_url: str | None = None) -> dict:
+    """Pin this process (the generator, and the threads it starts later) to GENERATOR_CPU
+    unless --no-pin or the machine cannot; the caller starts its server on `server`. A
+    Redis on this machine other than the shared one goes to SERVER_CPU beside the server
+    (its affinity given back at exit); the shared one is left where it is: moving it would
+    move everybody's Redis. Returns where each process goes, with a note saying so."""
+    why = ("--no-pin" if not args.pin
+           else "no taskset on this machine" if shutil.which("taskset") is None
+           else f"CPUs {GENERATOR_CPU} and {SERVER_CPU} are not both ours"
+           if not {GENERATOR_CPU, SERVER_CPU} <= os.sched_getaffinity(0) else "")
+    if why:
+        return {"pinned": False, "generator": None, "server": None, "redis": None,
+                "note": f"none ({why})"}
+    os.sched_setaffinity(0, {GENERATOR_CPU})
+    redis_cpu, redis_note = None, "Redis not pinned (not one of this machine's)"
+    pid = redis_pid(redis_url) if redis_url else None
+    if pid and is_shared_redis(redis_url):
+        redis_note = f"Redis not pinned (the machine's shared one, pid {pid})"
+    elif pid and _pin_threads(pid, SERVER_CPU):
+        redis_cpu, redis_note = SERVER_CPU, f"Redis (pid {pid}) on CPU {SERVER_CPU}"
+    return {"pinned": True, "generator": GENERATOR_CPU, "server": SERVER_CPU,
+            "redis": redis_cpu,
+            "note": f"this generator on CPU {GENERATOR_CPU}, the server on CPU {SERVER_CPU}, "
+                    + redis_note}
+
+
+def is_shared_redis(redis_url: str) -> bool:
+    from urllib.parse import urlsplit
+
+    url = urlsplit(redis_url)
+    return url.hostname in ("127.0.0.1", "localhost") and (url.port or 6379) == SHARED_REDIS[1]
+
+
+def _pin_threads(pid: int, cpu: int) -> bool:
+    """Every thread of `pid` on `cpu`, their own affinity given back when this one exits."""
+    import atexit
+
+    saved: dict[int, set[int]] = {}
+
+    def restore():
+        for tid, mask in saved.items():
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(tid, mask)
+
+    atexit.register(restore)
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            tid = int(task.name)
+            saved[tid] = os.sched_getaffinity(tid)
+            os.sched_setaffinity(tid, {cpu})
+    except OSError as exc:
+        print(f"# cannot pin Redis (pid {pid}): {exc}")
+        restore()
+        return False
+    return True
+
+
+# -- results kept ---------------------------------------------------------------------------
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+_KEPT: dict = {}  # this run's files: base path, argv, start time, results written
+
+
+def add_results_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--results-dir", default=str(RESULTS_DIR), metavar="DIR",
+                        help="keep this run's RESULT and its whole output in DIR as "
+                             "<UTC time>-<commit>[-dirty]-<script>.json and .out (default "
+                             "bench/results/; read them with bench/compare.py)")
+    parser.add_argument("--no-results", action="store_true", help="keep no result files")
+
+
+class _Tee:
+    """A text stream that also writes to a file: the run's output as it was printed."""
+
+    def __init__(self, stream, copy):
+        self.stream, self.copy = stream, copy
+
+    def write(self, text: str) -> int:
+        self.copy.write(text)
+        return self.stream.write(text)
+
+    def flush(self) -> None:
+        self.copy.flush()
+        self.stream.flush()
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+def keep_results(args, script: str | None = None) -> Path | None:
+    """From here on, this process's stdout and stderr also go to the run's .out file, and
+    each emit_json writes its result, the machine and the command line to its .json.
+    Call it once, right after parsing the arguments."""
+    if getattr(args, "no_results", False) or _KEPT:
+        return None
+    script = script or Path(sys.argv[0]).stem
+    git = git_state()
+    started = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    name = f"{started}-{git['git'] or 'nogit'}{'-dirty' if git['dirty'] else ''}-{script}"
+    folder = Path(getattr(args, "results_dir", None) or RESULTS_DIR)
+    folder.mkdir(parents=True, exist_ok=True)
+    base, n = folder / name, 1
+    while base.with_suffix(".out").exists():  # two runs in the same second
+        n += 1
+        base = folder / f"{name}-{n}"
+    out = open(base.with_suffix(".out"), "w", buffering=1)  # noqa: SIM115 - open until exit
+    out.write(f"$ {' '.join([Path(sys.executable).name, *sys.argv])}\n")
+    sys.stdout, sys.stderr = _Tee(sys.stdout, out), _Tee(sys.stderr, out)
+    _KEPT.update(base=base, script=script, argv=list(sys.argv), started=started, written=0)
+    print(f"# results kept in {base}.out (and .json)")
+    return base
+
+
+def _write_kept(result: dict) -> None:
+    _KEPT["written"] += 1
+    base = _KEPT["base"]
+    if _KEPT["written"] > 1:  # a script that prints more than one RESULT
+        base = base.with_name(f"{base.name}-{_KEPT['written']}")
+    record = {"script": _KEPT["script"], "argv": _KEPT["argv"], "started": _KEPT["started"],
+              "finished": time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()),
+              "out": _KEPT["base"].name + ".out",
+              "machine": result.get("machine") or machine_info(), "result": result}
+    base.with_suffix(".json").write_text(
+        json.dumps(record, sort_keys=True, indent=1, default=_json_default) + "\n")

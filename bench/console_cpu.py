@@ -188,6 +188,7 @@ def main() -> int:
     if args.quick:
         args.duration, args.runs, args.polls = 5.0, 1, 3
     pin = shutil.which("taskset") is not None and len(os.sched_getaffinity(0)) > 1
+    common.keep_results(args)
     info = print_machine()
     if pin:
         os.sched_setaffinity(0, {LOAD_CPU})

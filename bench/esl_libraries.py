@@ -30,6 +30,7 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)  # common, imported where the parent needs it (not in the children)
 FIXTURE = os.path.join(HERE, "..", "tests", "fixtures", "freeswitch", "inbound-events-call.jsonl")
 HB_BODY = b"Event-Name: HEARTBEAT\nCore-UUID: 1f35b8ec\nEvent-Sequence: 1\n\n"
 HB = b"Content-Length: %d\nContent-Type: text/event-plain\n\n%s" % (len(HB_BODY), HB_BODY)
@@ -293,7 +294,9 @@ async def main(args):
     print("parse: CPU us/event, median (min-max) of 5 runs of 10,000 events\n")
     print("| case | library | result |\n|---|---|---|")
     print("\n".join(f"| {case} | {lib} | {text} |" for case, lib, text in rows))
-    print("RESULT " + json.dumps(result, default=str))
+    import common
+
+    common.emit_json(result)
 
 
 if __name__ == "__main__":
@@ -306,7 +309,12 @@ if __name__ == "__main__":
         else:
             asyncio.run(child_genesis(port, scenario))
         sys.exit(0)
+    import common
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--python", default="/tmp/eslvenv/bin/python", help="has both libraries")
     ap.add_argument("--ours", help="a python with callguard installed: adds our parser's row")
-    asyncio.run(main(ap.parse_args()))
+    common.add_results_args(ap)
+    cli = ap.parse_args()
+    common.keep_results(cli)
+    asyncio.run(main(cli))

@@ -34,10 +34,17 @@ Targets (each in its own process):
              no myevents (so no events): the outbound ESL floor
 
 Examples:
-  .venv/bin/python bench/esl_load.py --rate 1000 --duration 20 --runs 3 --pin
-  .venv/bin/python bench/esl_load.py --target minimal --rate 1000 --duration 20 --pin
-  .venv/bin/python bench/esl_load.py --find-max --pin
+  .venv/bin/python bench/esl_load.py --rate 1000 --duration 20 --runs 3
+  .venv/bin/python bench/esl_load.py --target minimal --rate 1000 --duration 20
+  .venv/bin/python bench/esl_load.py --find-max
   .venv/bin/python bench/esl_load.py --quick
+
+Pinned by default where taskset exists (--no-pin): this generator on CPU 0, the
+servers on CPU 1 (and Redis, unless it is the machine's shared one). With the callguard
+target the floor (minimal_esl.py --multiset, the same writes as callguard) is measured
+in the same invocation, its runs in turn with callguard's, and printed beside it
+(--no-floor). The RESULT and the whole output are kept in bench/results/
+(--results-dir, --no-results); bench/compare.py compares two.
 """
 
 from __future__ import annotations
@@ -57,11 +64,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
 from agi_load import (  # noqa: E402  the same meters and search as the FastAGI bench
+    Side,
     Stats,
-    find_max,
+    find_max_interleaved,
     finish_run,
     gen_cpu,
+    interleaved_runs,
+    print_vs_floor,
     run_once,
+    summarize_runs,
+    vs_floor,
 )
 from common import (  # noqa: E402
     BenchEnv,
@@ -69,7 +81,6 @@ from common import (  # noqa: E402
     emit_json,
     print_machine,
     print_table,
-    spread,
 )
 
 from callguard.protocol import esl  # noqa: E402
@@ -521,10 +532,12 @@ def start_py_spy(path: str | None, server: Subprocess | None, duration: float):
     return proc
 
 
-def start_target(args, env: BenchEnv, peer: common.ThreadedFreeSWITCH | None) -> Subprocess:
-    port = args.port or common.free_port()
-    cpu = 1 if args.pin else None
-    if args.target == "callguard":
+def start_target(args, env: BenchEnv, peer: common.ThreadedFreeSWITCH | None,
+                 target: str | None = None) -> Subprocess:
+    target = target or args.target
+    port = (args.port if target == args.target else 0) or common.free_port()
+    cpu = args.pinning["server"]
+    if target == "callguard":
         server = common.serve_freeswitch(env, port, esl_url=peer.esl_url, cpu=cpu,
                                          **common.server_env(args))
         server.start()
@@ -535,9 +548,11 @@ def start_target(args, env: BenchEnv, peer: common.ThreadedFreeSWITCH | None) ->
                                    + server.log_tail())
             time.sleep(0.05)
         return server
+    # The floor beside callguard writes what callguard writes: one multiset.
+    multiset = args.minimal_multiset or target != args.target
     argv = [sys.executable, str(Path(__file__).with_name("minimal_esl.py")),
             "--port", str(port)] + (["--myevents"] if args.minimal_myevents else []) \
-        + (["--multiset"] if args.minimal_multiset else [])
+        + (["--multiset"] if multiset else [])
     extra = common.server_env(args)
     server = Subprocess(argv, {**os.environ, **extra} if extra else None,
                         env.tmp / f"minimal-esl-{port}.log", port, cpu=cpu)
@@ -567,13 +582,6 @@ def end_calls(gen: Generator, env: BenchEnv, peer: common.ThreadedFreeSWITCH,
     env.drop_sessions()
 
 
-def per_call(r: dict) -> dict:
-    """Redis CPU per allowed call, beside agi_load's server figure."""
-    if r.get("achieved", 0) > 0 and "cpu_redis" in r:
-        r["redis_us_per_call"] = r["cpu_redis"] / r["achieved"] * 1e6
-    return r
-
-
 ROW = ["run", "rate", "sent", "ok", "errors", "achieved", "lat_med_ms", "lat_p99_ms",
        "lat_max_ms", "lag_p99_ms", "gen_cpu", "cpu_server", "cpu_server_sys",
        "srv_us_per_call", "srv_rss_mb", "cpu_redis", "redis_us_per_call", "cpu_softirq",
@@ -597,6 +605,10 @@ def main() -> int:
         description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target", choices=("callguard", "minimal"), default="callguard")
+    parser.add_argument("--no-floor", action="store_true",
+                        help="callguard: do not measure the floor (minimal_esl.py --multiset) "
+                             "in the same invocation (by default each callguard run is followed "
+                             "by a floor run at the same rate, printed side by side)")
     parser.add_argument("--rate", type=float, default=1000.0, help="calls per second (1000)")
     parser.add_argument("--duration", type=float, default=20.0, help="seconds per run (20)")
     parser.add_argument("--runs", type=int, default=3, help="repeat each measurement (3)")
@@ -620,12 +632,12 @@ def main() -> int:
                         help="find-max: fraction of errors still counted as sustained (0)")
     parser.add_argument("--port", type=int, default=0,
                         help="outbound ESL port (default: a free one)")
-    parser.add_argument("--pin", action="store_true",
-                        help="pin the server to CPU 1 and this generator to CPU 0")
+    common.add_pin_args(parser)
     parser.add_argument("--no-uvloop", action="store_true", help="generator: plain asyncio")
     parser.add_argument("--minimal-myevents", action="store_true",
-                        help="minimal target: send myevents too (the generator then sends "
-                             "the park loop's events, which the server reads and drops)")
+                        help="minimal target and the floor: send myevents too (the "
+                             "generator then sends the park loop's events, which the server "
+                             "reads and drops)")
     parser.add_argument("--minimal-multiset", action="store_true",
                         help="minimal target: one `sendmsg execute multiset` instead of five "
                              "`set` (what callguard writes since 21e27e2)")
@@ -648,16 +660,20 @@ def main() -> int:
             args.step = max(args.step, 500.0)
             args.max_rate = min(args.max_rate, args.start_rate + 3 * args.step)
 
+    floor = args.target == "callguard" and not args.no_floor
+
+    common.keep_results(args)
     common.raise_fd_limit()
-    info = print_machine()
+    args.pinning = common.pin_processes(args, args.redis_url)
+    info = print_machine(pinning=args.pinning)
     uv = False if args.no_uvloop else common.install_uvloop()
-    if args.pin:
-        os.sched_setaffinity(0, {0})
     print(f"# generator event loop: {'uvloop' if uv else 'asyncio'}; target {args.target}; "
           "park loop tick skipped (events follow each sendmsg at once)"
+          + ("; the floor (minimal_esl.py --multiset) measured in turn with it" if floor else "")
           + (f"; server env {' '.join(args.server_env)}" if args.server_env else ""))
 
     env = BenchEnv(args.redis_url, keep=args.keep)
+    servers = []
     server = None
     peer = None
     loop = asyncio.new_event_loop()
@@ -672,29 +688,39 @@ def main() -> int:
                       f"(prefix {env.prefix})")
                 peer = common.ThreadedFreeSWITCH()
             server = start_target(args, env, peer)
+            servers.append(server)
             gen = Generator(args, server.port, env.accounts, peer)
             if peer is not None:
                 gen.drop_sessions = lambda: end_calls(gen, env, peer)
             else:
                 gen.drop_sessions = gen.placed.clear
-            pids = {"server": server.pid, "redis": common.redis_pid(args.redis_url)}
+            redis = common.redis_pid(args.redis_url)
+            sides = [Side(args.target, gen, {"server": server.pid, "redis": redis}, server)]
+            if floor:
+                floor_server = start_target(args, env, None, target="minimal")
+                servers.append(floor_server)
+                floor_gen = Generator(args, floor_server.port, env.accounts, None)
+                floor_gen.drop_sessions = floor_gen.placed.clear
+                sides.append(Side("floor", floor_gen, {"server": floor_server.pid,
+                                                       "redis": redis}, floor_server))
             log_before = server.log_lines()
 
             if args.warmup > 0:
                 warm = 500.0 if args.find_max else min(args.rate, 500.0)
-                w = run_once(gen, pids, warm, args.warmup, loop.run_until_complete)
-                print(f"# warm-up: {w['ok']}/{w['sent']} ok, p99 {w['lat_p99_ms']:.2f} ms"
-                      + (f" {w['error_kinds']}" if w["error_kinds"] else ""))
+                for side in sides:
+                    w = run_once(side.gen, side.pids, warm, args.warmup, loop.run_until_complete)
+                    print(f"# warm-up {side.label}: {w['ok']}/{w['sent']} ok, "
+                          f"p99 {w['lat_p99_ms']:.2f} ms"
+                          + (f" {w['error_kinds']}" if w["error_kinds"] else ""))
 
             result = {"bench": "esl_load", "target": args.target, "machine": info,
                       "park_tick": False, "minimal_myevents": args.minimal_myevents,
                       "minimal_multiset": args.minimal_multiset,
                       "server_env": args.server_env}
             if args.find_max:
-                found = find_max(args, gen, pids, loop)
+                found = find_max_interleaved(args, sides, loop)
                 for search in found["find_max"]["searches"]:
                     for step in search["steps"]:
-                        per_call(step)
                         if any(step["tcp"].get(k) for k in ("TCPSynRetrans", "ListenOverflows")):
                             print(f"#   step {step['run']} at {step['rate']:g}/s: TCP (whole "
                                   f"machine) {step['tcp']}")
@@ -704,36 +730,27 @@ def main() -> int:
                           f"{best.get('redis_us_per_call', float('nan')):.0f} us/call")
                 result.update(found)
             else:
-                rows = []
-                for run in range(args.runs):
-                    if run:
-                        time.sleep(args.pause)
-                    spy = start_py_spy(args.py_spy, server, args.duration) if run == 0 else None
-                    r = per_call(run_once(gen, pids, args.rate, args.duration,
-                                          loop.run_until_complete))
-                    if spy is not None:
-                        spy.wait(30)
-                        print(f"# py-spy profile of the server in run 1: {args.py_spy}")
-                    r["run"] = run + 1
-                    rows.append(r)
-                print_runs(rows, f"{args.target} at {args.rate:g}/s for {args.duration:g} s, "
-                                 f"{args.runs} run(s)")
-                summary = {k: spread([r.get(k, float("nan")) for r in rows]) for k in
-                           ("achieved", "lat_med_ms", "lat_p99_ms", "lat_max_ms", "errors",
-                            "cpu_server", "cpu_server_sys", "srv_us_per_call", "cpu_redis",
-                            "redis_us_per_call", "gen_cpu", "gen_us_per_call", "cpu_softirq",
-                            "cpu_steal", "cpu_other", "lag_p99_ms", "srv_rss_mb")}
-                print_table([{"metric": k, **v} for k, v in summary.items()],
-                            ["metric", "median", "min", "max"], "median and spread over runs")
-                result.update({"rate": args.rate, "duration": args.duration, "runs": rows,
-                               "summary": summary})
+                rows = interleaved_runs(args, sides, loop, start_py_spy)
+                for side in sides:
+                    name = "minimal (the floor)" if side.label == "floor" else args.target
+                    print_runs(rows[side.label], f"{name} at {args.rate:g}/s for "
+                                                 f"{args.duration:g} s, {args.runs} run(s)")
+                summaries = {label: summarize_runs(r, SUMMARY) for label, r in rows.items()}
+                result.update({"rate": args.rate, "duration": args.duration,
+                               "runs": rows[args.target], "summary": summaries[args.target]})
+                if floor:
+                    result["floor"] = {"target": "minimal",
+                                       "server": "bench/minimal_esl.py --multiset",
+                                       "runs": rows["floor"], "summary": summaries["floor"]}
+                    result["vs_floor"] = vs_floor(rows[args.target], rows["floor"])
+                    print_vs_floor(rows[args.target], rows["floor"], args.target)
             new_lines = server.log_lines() - log_before
             if new_lines:
                 print(f"# server log: {new_lines} new line(s); last:\n{server.log_tail(5)}")
             result["server_log_lines"] = new_lines
         finally:
-            if server:
-                server.stop()
+            for running in servers:
+                running.stop()
             if peer:
                 peer.stop()
         if peer is not None and peer.sim.violations:
@@ -749,6 +766,12 @@ def main() -> int:
         print(f"# cleaned up {deleted} Redis key(s)")
         loop.close()
     return 0
+
+
+SUMMARY = ("achieved", "lat_med_ms", "lat_p99_ms", "lat_max_ms", "errors", "cpu_server",
+           "cpu_server_sys", "srv_us_per_call", "cpu_redis", "redis_us_per_call", "gen_cpu",
+           "gen_us_per_call", "cpu_softirq", "cpu_steal", "cpu_other", "lag_p99_ms",
+           "srv_rss_mb")
 
 
 if __name__ == "__main__":

@@ -227,12 +227,14 @@ def main() -> None:
                     help="leave tests/fixtures/fuzz/ alone (no merge)")
     ap.add_argument("--cpu", type=int, help="pin the fuzzer to this CPU (taskset)")
     ap.add_argument("--json-out", metavar="FILE", help="also append the RESULT line to FILE")
+    common.add_results_args(ap)
     args = ap.parse_args()
     try:
         import atheris  # noqa: F401
     except ImportError:
         sys.exit("atheris is not installed: pip install -e '.[fuzz]' (see bench/README.md)")
     work = Path(args.work or tempfile.mkdtemp(prefix="callguard-fuzz-"))
+    common.keep_results(args)
     info = common.print_machine()
     results = []
     for parser in PARSERS if args.parser == "all" else (args.parser,):

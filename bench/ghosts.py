@@ -20,7 +20,7 @@ fake held money; fakes and real calls allowed and denied (by reason); the serve
 process's ghost counter. `--off` runs the same with CALLGUARD_GHOST_SECONDS=0 (the
 checks and limits off), for the figure before.
 
-    .venv/bin/python bench/ghosts.py --pin [--fakes 10000] [--off] [--json-out FILE]
+    .venv/bin/python bench/ghosts.py [--no-pin] [--fakes 10000] [--off] [--json-out FILE]
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ import argparse
 import asyncio
 import collections
 import itertools
-import os
 import statistics
 import sys
 import threading
@@ -193,19 +192,18 @@ def main() -> int:
                         help="seconds of real calls after the flood (8)")
     parser.add_argument("--off", action="store_true",
                         help="CALLGUARD_GHOST_SECONDS=0: the checks and limits off")
-    parser.add_argument("--pin", action="store_true",
-                        help="pin serve to CPU 1 and this process to CPU 0")
+    common.add_pin_args(parser)
     common.add_common_args(parser)
     common.add_server_args(parser)
     args = parser.parse_args()
     if args.quick:
         args.fakes, args.after = min(args.fakes, 1000), min(args.after, 5.0)
 
+    common.keep_results(args)
     common.raise_fd_limit()
-    info = common.print_machine()
+    pinning = common.pin_processes(args, args.redis_url)
+    info = common.print_machine(pinning=pinning)
     common.install_uvloop()
-    if args.pin:
-        os.sched_setaffinity(0, {0})
     env = common.BenchEnv(args.redis_url, keep=args.keep)
     pbx = server = None
     try:
@@ -217,7 +215,7 @@ def main() -> int:
         if args.off:
             extra["CALLGUARD_GHOST_SECONDS"] = "0"
         server = common.serve_asterisk(env, port, ami_url=pbx.ami_url,
-                                       cpu=1 if args.pin else None, **extra)
+                                       cpu=pinning["server"], **extra)
         server.start()
         deadline = time.monotonic() + 30
         while not (pbx.logged_in() and pbx.actions("coreshowchannels")):
@@ -228,7 +226,7 @@ def main() -> int:
         result["ghosts_counted"] = ghost_count(http_port)
         result.update(bench="ghosts", machine=info, off=args.off, fakes=args.fakes,
                       concurrency=args.concurrency, balance=args.balance,
-                      real_every=args.real_every, ring=args.ring, pinned=args.pin,
+                      real_every=args.real_every, ring=args.ring, pinned=pinning["pinned"],
                       server_log_lines=server.log_lines())
         report(result)
         common.emit_json(result, args.json_out)

@@ -31,7 +31,7 @@ from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from common import emit_json, print_machine, print_table, spread
+from common import add_results_args, emit_json, keep_results, print_machine, print_table, spread
 
 from callguard import notify
 from callguard.books.database import make_engine, upgrade
@@ -207,9 +207,11 @@ def main() -> None:
     parser.add_argument("--database-url", help="a PostgreSQL to use (a schema of its own)")
     parser.add_argument("--json-out", metavar="FILE")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    add_results_args(parser)
     args = parser.parse_args()
     if args.serve:
         return serve(args.tls)
+    keep_results(args)
     info = print_machine()
     if args.fresh_connections:
         fresh_connections()

@@ -211,7 +211,11 @@ class Installation:
         # The rest straight into Redis, as the books' outbox would have put them.
         row = SimpleNamespace(kind="prepaid", status="active", block_reason=None,
                               credit_limit=0, max_channels=0, plan="default", cps_limit=0,
-                              currency="CHF")
+                              currency="CHF", warn_below=None, warn_at=None,
+                              payment_method=None, auto_topup_amount=None,
+                              auto_topup_below=None, max_calls_per_minute=None,
+                              max_spend_per_hour=None, blocked_prefixes=None, on_fraud=None,
+                              unblocked_at=None)
         fields = {**state.account_fields(row), "balance": common.BIG_BALANCE, "reserved": 0,
                   "channels": 0}
         called = set(self.called)
@@ -531,6 +535,7 @@ def main() -> int:
     if args.accounts < args.calls or args.baseline_accounts < args.calls:
         parser.error("--accounts and --baseline-accounts must be at least --calls")
 
+    common.keep_results(args)
     info = print_machine()
     redis = RedisCpu(common.redis_pid(args.redis_url))
     core, note = pick_core(redis, args.cpu)

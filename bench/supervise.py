@@ -696,6 +696,7 @@ def main() -> int:
         args.warmup_calls = min(args.warmup_calls, 50)
         args.ramp = min(args.ramp, 500.0)
 
+    common.keep_results(args)
     common.raise_fd_limit()
     info = print_machine()
     common.install_uvloop()
