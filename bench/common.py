@@ -163,18 +163,18 @@ class BenchEnv:
         if self.keep:
             print(f"# kept {self.tmp} and Redis keys {self.prefix}:*", file=sys.stderr)
             return 0
-        import redis
+        from callguard.engine.connect import connect
 
         deleted = 0
-        client = redis.Redis.from_url(self.redis_url)
+        client = connect(self.redis_url)  # a cluster too: keys one by one (slots differ)
         batch = []
         for key in client.scan_iter(match=f"{self.prefix}:*", count=5000):
             batch.append(key)
             if len(batch) >= 5000:
-                deleted += client.unlink(*batch)
+                deleted += _unlink(client, batch)
                 batch = []
         if batch:
-            deleted += client.unlink(*batch)
+            deleted += _unlink(client, batch)
         client.close()
         if self._app is not None:
             self._app.books.engine.dispose()
@@ -261,6 +261,13 @@ class Subprocess:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+def _unlink(client, keys) -> int:
+    pipe = client.pipeline(transaction=False)
+    for key in keys:
+        pipe.unlink(key)
+    return sum(pipe.execute())
 
 
 GCPROBE_DIR = Path(__file__).resolve().parent / "gcprobe"

@@ -583,7 +583,11 @@ class CallControl:
         if self._timer is not None:
             self._timer.cancel()
         self._timer_due = due
-        delay = max(0.0, self.clock.real(due - self.clock.monotonic()))
+        delay = self.clock.real(due - self.clock.monotonic())
+        # +1 ms: uvloop counts a timer in whole ms from the iteration's cached time, so one
+        # set to the exact due time fires before it and re-arms itself until it is due
+        # (6 wake-ups per due time measured, 18 a call).
+        delay = delay + 0.001 if delay > 0 else 0.0
         self._timer = asyncio.get_running_loop().call_later(delay, self._on_timer)
 
     def _on_timer(self) -> None:
