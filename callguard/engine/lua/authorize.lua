@@ -20,19 +20,17 @@ if cur[2] == 'auth' and cur[3] == direction and cur[4] == destination then
   return {1, 'OK', member .. '/' .. cur[1], num(cur[5]), num(cur[6]), cur[7] or '0'}
 end
 
-local a = redis.call('HMGET', acct, 'status', 'plan')
-local status = a[1]
-if not status then return {0, 'UNKNOWN_ACCOUNT', '', 0, 0, ''} end
-if a[2] ~= ARGV[6] then return {0, 'PLAN', '', 0, 0, a[2] or ''} end
+local ACCOUNT = {'status', 'plan', 'balance', 'credit', 'reserved', 'channels', 'max_channels',
+  'cps', 'cps_s', 'cps_n', 'cpm', 'cpm_m', 'cpm_n', 'vmax', 'vh', 'vs', 'vp', 'fz', 'bp', 'fd_m',
+  'fd_n', 'fb', 'ub', 'warn', 'lv', 'tpb', 'tp', 'kind'}
+local a = fields(acct, ACCOUNT)
+if not a.status then return {0, 'UNKNOWN_ACCOUNT', '', 0, 0, ''} end
+if a.plan ~= ARGV[6] then return {0, 'PLAN', '', 0, 0, a.plan or ''} end
 if cur[2] == 'auth' or cur[2] == 'ans' then
   -- The channel has moved on to another call: the one before it ended now.
   finish(acct, sess, live, events, member, now, '', 'superseded', 'reported', grace_s, '')
+  a = fields(acct, ACCOUNT)  -- its money moved
 end
-
-a = fields(acct, {'balance', 'credit', 'reserved', 'channels', 'max_channels', 'cps', 'cps_s',
-  'cps_n', 'cpm', 'cpm_m', 'cpm_n', 'vmax', 'vh', 'vs', 'vp', 'fz', 'bp', 'fd_m', 'fd_n', 'fb',
-  'ub', 'warn', 'lv', 'tpb', 'tp', 'kind'})
-a.status = status
 local balance, credit, reserved = num(a.balance), num(a.credit), num(a.reserved)
 local r, cf, i, s = num(ARGV[9]), num(ARGV[10]), num(ARGV[11]), num(ARGV[12])
 local minute = idiv(now, 60000)
@@ -94,7 +92,9 @@ redis.call('HINCRBY', acct, 'channels', 1)
 -- Attempts are numbered per shard, so a session id is never used twice, even by a
 -- channel that lives longer than a finished session is remembered.
 local n = redis.call('INCR', seq)
-redis.call('DEL', sess)
+-- Every session hash has its n (each script writing one writes n, none deletes it): without
+-- one there is nothing to delete.
+if cur[1] then redis.call('DEL', sess) end
 redis.call('HSET', sess, 'n', n, 'st', 'auth', 'acct', ARGV[2], 'ch', ARGV[3], 'dir', direction,
   'dst', destination, 'setup', now, 'node', ARGV[15], 'pfx', ARGV[8], 'r', r, 'cf', cf, 'i', i,
   's', s, 'g', grant, 'hold', hold, 'fin', 0, 'mx', maxsec, 'bl', ARGV[19])

@@ -107,10 +107,13 @@ end
 -- below `warn`), 2 exhausted (less than a cent left once its calls are paid: blocks new
 -- calls both ways until money arrives). Each rise is announced once; only money arriving
 -- (`arrived`: a top-up, a payment, new settings) lowers it, so reservations coming and
--- going never repeat a warning. `m`: the caller's reading of WATCHED, when it has one.
-local WATCHED = {'balance', 'credit', 'reserved', 'warn', 'lv', 'tpb', 'tp', 'kind'}
+-- going never repeat a warning. `m`: the caller's reading of watched(), when it has one.
+-- (No table of names outside a function: the whole file runs on every script call.)
+local function watched(acct)
+  return fields(acct, {'balance', 'credit', 'reserved', 'warn', 'lv', 'tpb', 'tp', 'kind'})
+end
 local function watch(acct, events, account, arrived, m)
-  m = m or fields(acct, WATCHED)
+  m = m or watched(acct)
   local funds = num(m.balance) + num(m.credit)
   local avail = funds - num(m.reserved)
   local level = 0
@@ -159,8 +162,8 @@ end
 
 -- A finished call's cost into the bucket of the hour it ended in; a late commit of the
 -- hour before goes to that hour's bucket, an older one to none (never rewinding).
-local function count_spend(acct, ended, cost)
-  local v = fields(acct, {'vmax', 'vh', 'vs'})
+-- v: the account's vmax, vh, vs.
+local function count_spend(acct, ended, cost, v)
   if num(v.vmax) == 0 then return end
   local hour, current = idiv(ended, HOUR), num(v.vh)
   if hour == current then
@@ -183,11 +186,15 @@ end
 -- ('bl', fail_open) that nobody saw end counts as answered at setup: its short grant.
 -- talk_arg: the PBX's own billed duration (FreeSWITCH's billmsec), in ms: the call then
 -- ended that long after the answer Redis holds, whatever either clock says.
+-- f: the session's session_fields(), when the caller has read them.
 -- Returns cost, duration, billed.
+local function session_fields(sess)  -- 1-18 for finish, 19-21 what a finished one keeps
+  return redis.call('HMGET', sess, 'n', 'st', 'g', 'ge', 'hold', 'r', 'cf', 'i', 's', 'ans',
+    'acct', 'ch', 'dir', 'dst', 'pfx', 'setup', 'node', 'bl', 'cost', 'dur', 'billed')
+end
 local function finish(acct, sess, live, events, member, now, end_arg, cause, mode, grace_s,
-                      answered_arg, talk_arg)
-  local f = redis.call('HMGET', sess, 'n', 'st', 'g', 'ge', 'hold', 'r', 'cf', 'i', 's', 'ans',
-    'acct', 'ch', 'dir', 'dst', 'pfx', 'setup', 'node', 'bl')
+                      answered_arg, talk_arg, f)
+  f = f or session_fields(sess)
   local ended = now
   if end_arg ~= nil and end_arg ~= '' and tonumber(end_arg) < now then ended = tonumber(end_arg) end
   local r, cf, i, s = num(f[6]), num(f[7]), num(f[8]), num(f[9])
@@ -218,18 +225,22 @@ local function finish(acct, sess, live, events, member, now, end_arg, cause, mod
     billed = billed_of(duration, i, s)
     cost = cost_of(billed, r, cf)
   end
-  redis.call('HINCRBY', acct, 'reserved', 0 - num(f[5]))
+  -- watched() and count_spend's fields, read once: nothing below writes them but the
+  -- HINCRBYs, whose replies take their place.
+  local m = fields(acct, {'balance', 'credit', 'reserved', 'warn', 'lv', 'tpb', 'tp', 'kind',
+    'vmax', 'vh', 'vs'})
+  m.reserved = redis.call('HINCRBY', acct, 'reserved', 0 - num(f[5]))
   redis.call('HINCRBY', acct, 'channels', -1)
   if cost > 0 then
-    redis.call('HINCRBY', acct, 'balance', 0 - cost)
-    count_spend(acct, ended, cost)
+    m.balance = redis.call('HINCRBY', acct, 'balance', 0 - cost)
+    count_spend(acct, ended, cost, m)
   end
   redis.call('ZREM', live, member)
   redis.call('XADD', events, '*', 'type', 'commit', 'session', member .. '/' .. f[1],
     'node', f[17] or '', 'dir', f[13], 'dst', f[14], 'pfx', f[15] or '',
     'r', r, 'cf', cf, 'i', i, 's', s, 'setup', f[16], 'ans', f[10] or '', 'end', ended,
     'dur', duration, 'billed', billed, 'cost', cost, 'cause', cause)
-  watch(acct, events, f[11], false)
+  watch(acct, events, f[11], false, m)
   -- Only what a late duplicate needs stays, briefly.
   redis.call('DEL', sess)
   redis.call('HSET', sess, 'n', f[1], 'st', 'done', 'cost', cost, 'dur', duration, 'billed', billed)
