@@ -88,7 +88,7 @@ if vmax > 0 and spent_last_hour(a, now, reserved) + hold > vmax then
 end
 
 redis.call('HINCRBY', acct, 'reserved', hold)
-redis.call('HINCRBY', acct, 'channels', 1)
+redis.call('HINCRBY', acct, 'channels', '1')
 -- Attempts are numbered per shard, so a session id is never used twice, even by a
 -- channel that lives longer than a finished session is remembered.
 local n = redis.call('INCR', seq)
@@ -97,7 +97,7 @@ local n = redis.call('INCR', seq)
 if cur[1] then redis.call('DEL', sess) end
 redis.call('HSET', sess, 'n', n, 'st', 'auth', 'acct', ARGV[2], 'ch', ARGV[3], 'dir', direction,
   'dst', destination, 'setup', now, 'node', ARGV[15], 'pfx', ARGV[8], 'r', r, 'cf', cf, 'i', i,
-  's', s, 'g', grant, 'hold', hold, 'fin', 0, 'mx', maxsec, 'bl', ARGV[19])
+  's', s, 'g', grant, 'hold', hold, 'fin', '0', 'mx', maxsec, 'bl', ARGV[19])
 -- Not answered by the time the PBX's own timeout has ended it: the sweeper frees it.
 redis.call('ZADD', live, now + (ring_s + grant + grace_s + stale_s) * 1000, member)
 a.reserved = reserved + hold

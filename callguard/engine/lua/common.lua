@@ -5,7 +5,7 @@
 -- Redis Cluster slot.
 local MAX_MONEY = 9007199254740991
 local MAX_SECONDS = 1000000  -- caps a billed duration (11.5 days) so rate*seconds stays exact
-local DONE_TTL = 60  -- seconds a finished session answers 'already' to a late duplicate
+local DONE_TTL = '60'  -- seconds a finished session answers 'already' to a late duplicate
 local CENT = 10000  -- a hundredth of the currency unit: less available than this is nothing
 local HOUR = 3600000
 local STRIKES = 10  -- channel-cap or rate-limit denials within a minute that look like fraud
@@ -27,6 +27,8 @@ local function clock(arg)
 end
 
 local function num(v) return tonumber(v) or 0 end
+-- A constant argument to redis.call is written as a string ('1', not 1): the same bytes
+-- reach Redis, without its number formatting (%.17g) on every call.
 
 -- DESIGN.md: billed = initial + ceil(max(0, d - initial) / subsequent) * subsequent
 local function billed_of(d, i, s)
@@ -95,7 +97,7 @@ local function watch_topup(acct, events, account, arrived, m, avail)
   if below == 0 then return end
   if avail < below then
     if m.tp ~= '1' then
-      redis.call('HSET', acct, 'tp', 1)
+      redis.call('HSET', acct, 'tp', '1')
       emit(events, 'topup', account, m)
     end
   elseif arrived and m.tp == '1' then
@@ -230,7 +232,7 @@ local function finish(acct, sess, live, events, member, now, end_arg, cause, mod
   local m = fields(acct, {'balance', 'credit', 'reserved', 'warn', 'lv', 'tpb', 'tp', 'kind',
     'vmax', 'vh', 'vs'})
   m.reserved = redis.call('HINCRBY', acct, 'reserved', 0 - num(f[5]))
-  redis.call('HINCRBY', acct, 'channels', -1)
+  redis.call('HINCRBY', acct, 'channels', '-1')
   if cost > 0 then
     m.balance = redis.call('HINCRBY', acct, 'balance', 0 - cost)
     count_spend(acct, ended, cost, m)

@@ -45,7 +45,7 @@ if not is_blocked(a) then
   end
 end
 if grant <= granted then
-  redis.call('HSET', sess, 'fin', 1)
+  redis.call('HSET', sess, 'fin', '1')
   return {'ans', granted, grant_end, 1, now, hold}
 end
 local new_hold = cost_of(grant, r, cf)
