@@ -41,3 +41,19 @@ def test_answer_builds_only_what_it_uses():
     kept = re.findall(r"^local (?:function )?(\w+)", common_part(script_sources()["answer"]),
                       re.M)
     assert kept == ["idiv", "clock", "num"]
+
+
+HMGET_TABLE = re.compile(r"redis\.call\('HMGET', \w+, ([^)]*)\)\s*\n"
+                         r"\s*(?:return|local \w+ =) \{([^}]*)\}")
+
+
+def test_a_table_written_whole_names_each_field_of_its_hmget():
+    found = 0
+    for path in LUA.glob("*.lua"):
+        for names, table in HMGET_TABLE.findall(path.read_text()):
+            names = re.findall(r"'(\w+)'", names)
+            pairs = re.findall(r"(\w+) = v\[(\d+)\]", table)
+            assert pairs == [(name, str(k)) for k, name in enumerate(names, 1)], path.name
+            assert len(pairs) == table.count("=")
+            found += 1
+    assert found == 3  # authorize's account, extend's, finish's

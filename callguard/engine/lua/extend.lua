@@ -22,8 +22,11 @@ local r, cf, i, s = num(f[7]), num(f[8]), num(f[9]), num(f[10])
 local hold = num(f[6])
 local want = slice_target(granted, quota, i, s)
 -- With watched()'s, for watch below: nothing here writes those but the HINCRBY of reserved.
-local a = fields(acct, {'status', 'fb', 'ub', 'balance', 'credit', 'reserved', 'vmax', 'vh',
-  'vs', 'vp', 'fz', 'warn', 'lv', 'tpb', 'tp', 'kind'})
+local v = redis.call('HMGET', acct, 'status', 'fb', 'ub', 'balance', 'credit', 'reserved', 'vmax',
+  'vh', 'vs', 'vp', 'fz', 'warn', 'lv', 'tpb', 'tp', 'kind')
+local a = {status = v[1], fb = v[2], ub = v[3], balance = v[4], credit = v[5], reserved = v[6],
+  vmax = v[7], vh = v[8], vs = v[9], vp = v[10], fz = v[11], warn = v[12], lv = v[13], tpb = v[14],
+  tp = v[15], kind = v[16]}
 local grant = -1
 if not is_blocked(a) then
   -- This session's own hold counts as available to itself.
