@@ -23,8 +23,8 @@ end
 -- The account's fields by name (see fields() in common.lua for why written out).
 local function account()
   local v = redis.call('HMGET', acct, 'status', 'plan', 'balance', 'credit', 'reserved',
-    'channels', 'max_channels', 'cps', 'cps_s', 'cps_n', 'cpm', 'cpm_m', 'cpm_n', 'vmax', 'vh', 'vs', 'vp',
-    'fz', 'bp', 'fd_m', 'fd_n', 'fb', 'ub', 'warn', 'lv', 'tpb', 'tp', 'kind')
+    'channels', 'max_channels', 'cps', 'cps_s', 'cps_n', 'cpm', 'cpm_m', 'cpm_n', 'vmax', 'vh',
+    'vs', 'vp', 'fz', 'bp', 'fd_m', 'fd_n', 'fb', 'ub', 'warn', 'lv', 'tpb', 'tp', 'kind')
   return {status = v[1], plan = v[2], balance = v[3], credit = v[4], reserved = v[5],
     channels = v[6], max_channels = v[7], cps = v[8], cps_s = v[9], cps_n = v[10], cpm = v[11],
     cpm_m = v[12], cpm_n = v[13], vmax = v[14], vh = v[15], vs = v[16], vp = v[17], fz = v[18],

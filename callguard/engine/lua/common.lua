@@ -113,7 +113,8 @@ end
 -- calls both ways until money arrives). Each rise is announced once; only money arriving
 -- (`arrived`: a top-up, a payment, new settings) lowers it, so reservations coming and
 -- going never repeat a warning. `m`: the caller's reading of watched(), when it has one.
--- (No table of names outside a function: the whole file runs on every script call.)
+-- (No table of names outside a function: what a script keeps of this file runs on every
+-- call of it, see with_common in core.py.)
 local function watched(acct)
   return fields(acct, {'balance', 'credit', 'reserved', 'warn', 'lv', 'tpb', 'tp', 'kind'})
 end
