@@ -38,7 +38,44 @@ MAX_TALK_MS = 1_000_000_000  # 11.5 days, as MAX_SECONDS in common.lua
 
 def script_sources() -> dict[str, str]:
     common = (LUA / "common.lua").read_text()
-    return {name: common + "\n" + (LUA / f"{name}.lua").read_text() for name in SCRIPTS}
+    return {name: with_common(common, (LUA / f"{name}.lua").read_text()) for name in SCRIPTS}
+
+
+_DEFINITION = re.compile(r"local (?:function )?([\w, ]+)")
+_NAME = re.compile(r"[A-Za-z_]\w*")
+_COMMENT_LINE = re.compile(r"^\s*--.*$", re.M)
+
+
+def _names(lua: str) -> set[str]:
+    """Every name in `lua` (strings and trailing comments too), lines of comment aside."""
+    return set(_NAME.findall(_COMMENT_LINE.sub("", lua)))
+
+
+def with_common(common: str, script: str) -> str:
+    """common.lua and then `script`, keeping of common.lua only the definitions the script
+    uses, itself or through another: every call of a script runs all of its text, and each
+    function of common.lua built costs Redis some hundreds of instructions. A top-level
+    `local` line starts a definition (it runs to the next one); those left out become blank
+    lines, so line numbers (as in error messages) stay the same."""
+    blocks: list[tuple[set[str], list[str]]] = [(set(), [])]  # the header: always kept
+    for line in common.split("\n"):
+        if line.startswith("local "):
+            names = _DEFINITION.match(line).group(1).split(",")
+            blocks.append(({n.strip() for n in names}, []))
+        blocks[-1][1].append(line)
+    wanted = _names(script)
+    kept = [False] * len(blocks)
+    kept[0] = True
+    changed = True
+    while changed:  # what a kept definition names is wanted too
+        changed = False
+        for k, (names, lines) in enumerate(blocks):
+            if not kept[k] and names & wanted:
+                kept[k] = changed = True
+                wanted |= _names("\n".join(lines))
+    text = "\n".join(line if keep else "" for (_, lines), keep in zip(blocks, kept, strict=True)
+                     for line in lines)
+    return text + "\n" + script
 
 
 def valid_account(account: str) -> bool:

@@ -20,19 +20,25 @@ if cur[2] == 'auth' and cur[3] == direction and cur[4] == destination then
   return {1, 'OK', member .. '/' .. cur[1], num(cur[5]), num(cur[6]), cur[7] or '0'}
 end
 
-local a = redis.call('HMGET', acct, 'status', 'plan')
-local status = a[1]
-if not status then return {0, 'UNKNOWN_ACCOUNT', '', 0, 0, ''} end
-if a[2] ~= ARGV[6] then return {0, 'PLAN', '', 0, 0, a[2] or ''} end
+-- The account's fields by name (see fields() in common.lua for why written out).
+local function account()
+  local v = redis.call('HMGET', acct, 'status', 'plan', 'balance', 'credit', 'reserved',
+    'channels', 'max_channels', 'cps', 'cps_s', 'cps_n', 'cpm', 'cpm_m', 'cpm_n', 'vmax', 'vh',
+    'vs', 'vp', 'fz', 'bp', 'fd_m', 'fd_n', 'fb', 'ub', 'warn', 'lv', 'tpb', 'tp', 'kind')
+  return {status = v[1], plan = v[2], balance = v[3], credit = v[4], reserved = v[5],
+    channels = v[6], max_channels = v[7], cps = v[8], cps_s = v[9], cps_n = v[10], cpm = v[11],
+    cpm_m = v[12], cpm_n = v[13], vmax = v[14], vh = v[15], vs = v[16], vp = v[17], fz = v[18],
+    bp = v[19], fd_m = v[20], fd_n = v[21], fb = v[22], ub = v[23], warn = v[24], lv = v[25],
+    tpb = v[26], tp = v[27], kind = v[28]}
+end
+local a = account()
+if not a.status then return {0, 'UNKNOWN_ACCOUNT', '', 0, 0, ''} end
+if a.plan ~= ARGV[6] then return {0, 'PLAN', '', 0, 0, a.plan or ''} end
 if cur[2] == 'auth' or cur[2] == 'ans' then
   -- The channel has moved on to another call: the one before it ended now.
   finish(acct, sess, live, events, member, now, '', 'superseded', 'reported', grace_s, '')
+  a = account()  -- its money moved
 end
-
-a = fields(acct, {'balance', 'credit', 'reserved', 'channels', 'max_channels', 'cps', 'cps_s',
-  'cps_n', 'cpm', 'cpm_m', 'cpm_n', 'vmax', 'vh', 'vs', 'vp', 'fz', 'bp', 'fd_m', 'fd_n', 'fb',
-  'ub', 'warn', 'lv', 'tpb', 'tp', 'kind'})
-a.status = status
 local balance, credit, reserved = num(a.balance), num(a.credit), num(a.reserved)
 local r, cf, i, s = num(ARGV[9]), num(ARGV[10]), num(ARGV[11]), num(ARGV[12])
 local minute = idiv(now, 60000)
@@ -90,14 +96,16 @@ if vmax > 0 and spent_last_hour(a, now, reserved) + hold > vmax then
 end
 
 redis.call('HINCRBY', acct, 'reserved', hold)
-redis.call('HINCRBY', acct, 'channels', 1)
+redis.call('HINCRBY', acct, 'channels', '1')
 -- Attempts are numbered per shard, so a session id is never used twice, even by a
 -- channel that lives longer than a finished session is remembered.
 local n = redis.call('INCR', seq)
-redis.call('DEL', sess)
+-- Every session hash has its n (each script writing one writes n, none deletes it): without
+-- one there is nothing to delete.
+if cur[1] then redis.call('DEL', sess) end
 redis.call('HSET', sess, 'n', n, 'st', 'auth', 'acct', ARGV[2], 'ch', ARGV[3], 'dir', direction,
   'dst', destination, 'setup', now, 'node', ARGV[15], 'pfx', ARGV[8], 'r', r, 'cf', cf, 'i', i,
-  's', s, 'g', grant, 'hold', hold, 'fin', 0, 'mx', maxsec, 'bl', ARGV[19])
+  's', s, 'g', grant, 'hold', hold, 'fin', '0', 'mx', maxsec, 'bl', ARGV[19])
 -- Not answered by the time the PBX's own timeout has ended it: the sweeper frees it.
 redis.call('ZADD', live, now + (ring_s + grant + grace_s + stale_s) * 1000, member)
 a.reserved = reserved + hold

@@ -5,7 +5,7 @@
 -- Redis Cluster slot.
 local MAX_MONEY = 9007199254740991
 local MAX_SECONDS = 1000000  -- caps a billed duration (11.5 days) so rate*seconds stays exact
-local DONE_TTL = 60  -- seconds a finished session answers 'already' to a late duplicate
+local DONE_TTL = '60'  -- seconds a finished session answers 'already' to a late duplicate
 local CENT = 10000  -- a hundredth of the currency unit: less available than this is nothing
 local HOUR = 3600000
 local STRIKES = 10  -- channel-cap or rate-limit denials within a minute that look like fraud
@@ -27,6 +27,8 @@ local function clock(arg)
 end
 
 local function num(v) return tonumber(v) or 0 end
+-- A constant argument to redis.call is written as a string ('1', not 1): the same bytes
+-- reach Redis, without its number formatting (%.17g) on every call.
 
 -- DESIGN.md: billed = initial + ceil(max(0, d - initial) / subsequent) * subsequent
 local function billed_of(d, i, s)
@@ -66,7 +68,10 @@ local function slice_target(granted, quota, i, s)
   return granted + steps * s
 end
 
--- A hash's fields by name: HMGET of `names`, as a table keyed by them.
+-- A hash's fields by name: HMGET of `names`, as a table keyed by them. It builds the table
+-- key by key (regrowing it as it fills), which costs about as much as the HMGET: the busy
+-- paths write the table whole instead, `local v = redis.call('HMGET', key, 'x', 'y', ...)`
+-- then `{x = v[1], y = v[2], ...}`, which tests/test_lua_build.py checks name by name.
 local function fields(key, names)
   local values, t = redis.call('HMGET', key, unpack(names)), {}
   for k, name in ipairs(names) do t[name] = values[k] end
@@ -95,7 +100,7 @@ local function watch_topup(acct, events, account, arrived, m, avail)
   if below == 0 then return end
   if avail < below then
     if m.tp ~= '1' then
-      redis.call('HSET', acct, 'tp', 1)
+      redis.call('HSET', acct, 'tp', '1')
       emit(events, 'topup', account, m)
     end
   elseif arrived and m.tp == '1' then
@@ -107,10 +112,14 @@ end
 -- below `warn`), 2 exhausted (less than a cent left once its calls are paid: blocks new
 -- calls both ways until money arrives). Each rise is announced once; only money arriving
 -- (`arrived`: a top-up, a payment, new settings) lowers it, so reservations coming and
--- going never repeat a warning. `m`: the caller's reading of WATCHED, when it has one.
-local WATCHED = {'balance', 'credit', 'reserved', 'warn', 'lv', 'tpb', 'tp', 'kind'}
+-- going never repeat a warning. `m`: the caller's reading of watched(), when it has one.
+-- (No table of names outside a function: what a script keeps of this file runs on every
+-- call of it, see with_common in core.py.)
+local function watched(acct)
+  return fields(acct, {'balance', 'credit', 'reserved', 'warn', 'lv', 'tpb', 'tp', 'kind'})
+end
 local function watch(acct, events, account, arrived, m)
-  m = m or fields(acct, WATCHED)
+  m = m or watched(acct)
   local funds = num(m.balance) + num(m.credit)
   local avail = funds - num(m.reserved)
   local level = 0
@@ -159,8 +168,8 @@ end
 
 -- A finished call's cost into the bucket of the hour it ended in; a late commit of the
 -- hour before goes to that hour's bucket, an older one to none (never rewinding).
-local function count_spend(acct, ended, cost)
-  local v = fields(acct, {'vmax', 'vh', 'vs'})
+-- v: the account's vmax, vh, vs.
+local function count_spend(acct, ended, cost, v)
   if num(v.vmax) == 0 then return end
   local hour, current = idiv(ended, HOUR), num(v.vh)
   if hour == current then
@@ -183,11 +192,15 @@ end
 -- ('bl', fail_open) that nobody saw end counts as answered at setup: its short grant.
 -- talk_arg: the PBX's own billed duration (FreeSWITCH's billmsec), in ms: the call then
 -- ended that long after the answer Redis holds, whatever either clock says.
+-- f: the session's session_fields(), when the caller has read them.
 -- Returns cost, duration, billed.
+local function session_fields(sess)  -- 1-18 for finish, 19-21 what a finished one keeps
+  return redis.call('HMGET', sess, 'n', 'st', 'g', 'ge', 'hold', 'r', 'cf', 'i', 's', 'ans',
+    'acct', 'ch', 'dir', 'dst', 'pfx', 'setup', 'node', 'bl', 'cost', 'dur', 'billed')
+end
 local function finish(acct, sess, live, events, member, now, end_arg, cause, mode, grace_s,
-                      answered_arg, talk_arg)
-  local f = redis.call('HMGET', sess, 'n', 'st', 'g', 'ge', 'hold', 'r', 'cf', 'i', 's', 'ans',
-    'acct', 'ch', 'dir', 'dst', 'pfx', 'setup', 'node', 'bl')
+                      answered_arg, talk_arg, f)
+  f = f or session_fields(sess)
   local ended = now
   if end_arg ~= nil and end_arg ~= '' and tonumber(end_arg) < now then ended = tonumber(end_arg) end
   local r, cf, i, s = num(f[6]), num(f[7]), num(f[8]), num(f[9])
@@ -218,18 +231,24 @@ local function finish(acct, sess, live, events, member, now, end_arg, cause, mod
     billed = billed_of(duration, i, s)
     cost = cost_of(billed, r, cf)
   end
-  redis.call('HINCRBY', acct, 'reserved', 0 - num(f[5]))
-  redis.call('HINCRBY', acct, 'channels', -1)
+  -- watched() and count_spend's fields, read once: nothing below writes them but the
+  -- HINCRBYs, whose replies take their place.
+  local v = redis.call('HMGET', acct, 'balance', 'credit', 'reserved', 'warn', 'lv', 'tpb', 'tp',
+    'kind', 'vmax', 'vh', 'vs')
+  local m = {balance = v[1], credit = v[2], reserved = v[3], warn = v[4], lv = v[5], tpb = v[6],
+    tp = v[7], kind = v[8], vmax = v[9], vh = v[10], vs = v[11]}
+  m.reserved = redis.call('HINCRBY', acct, 'reserved', 0 - num(f[5]))
+  redis.call('HINCRBY', acct, 'channels', '-1')
   if cost > 0 then
-    redis.call('HINCRBY', acct, 'balance', 0 - cost)
-    count_spend(acct, ended, cost)
+    m.balance = redis.call('HINCRBY', acct, 'balance', 0 - cost)
+    count_spend(acct, ended, cost, m)
   end
   redis.call('ZREM', live, member)
   redis.call('XADD', events, '*', 'type', 'commit', 'session', member .. '/' .. f[1],
     'node', f[17] or '', 'dir', f[13], 'dst', f[14], 'pfx', f[15] or '',
     'r', r, 'cf', cf, 'i', i, 's', s, 'setup', f[16], 'ans', f[10] or '', 'end', ended,
     'dur', duration, 'billed', billed, 'cost', cost, 'cause', cause)
-  watch(acct, events, f[11], false)
+  watch(acct, events, f[11], false, m)
   -- Only what a late duplicate needs stays, briefly.
   redis.call('DEL', sess)
   redis.call('HSET', sess, 'n', f[1], 'st', 'done', 'cost', cost, 'dur', duration, 'billed', billed)

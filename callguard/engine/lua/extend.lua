@@ -21,8 +21,12 @@ if grant_end - now > quota * 1000 then return {'ans', granted, grant_end, 0, now
 local r, cf, i, s = num(f[7]), num(f[8]), num(f[9]), num(f[10])
 local hold = num(f[6])
 local want = slice_target(granted, quota, i, s)
-local a = fields(acct, {'status', 'fb', 'ub', 'balance', 'credit', 'reserved', 'vmax', 'vh',
-  'vs', 'vp', 'fz'})
+-- With watched()'s, for watch below: nothing here writes those but the HINCRBY of reserved.
+local v = redis.call('HMGET', acct, 'status', 'fb', 'ub', 'balance', 'credit', 'reserved', 'vmax',
+  'vh', 'vs', 'vp', 'fz', 'warn', 'lv', 'tpb', 'tp', 'kind')
+local a = {status = v[1], fb = v[2], ub = v[3], balance = v[4], credit = v[5], reserved = v[6],
+  vmax = v[7], vh = v[8], vs = v[9], vp = v[10], fz = v[11], warn = v[12], lv = v[13], tpb = v[14],
+  tp = v[15], kind = v[16]}
 local grant = -1
 if not is_blocked(a) then
   -- This session's own hold counts as available to itself.
@@ -44,14 +48,14 @@ if not is_blocked(a) then
   end
 end
 if grant <= granted then
-  redis.call('HSET', sess, 'fin', 1)
+  redis.call('HSET', sess, 'fin', '1')
   return {'ans', granted, grant_end, 1, now, hold}
 end
 local new_hold = cost_of(grant, r, cf)
 local new_end = grant_end + (grant - granted) * 1000
 final = (grant < want) and 1 or 0
-redis.call('HINCRBY', acct, 'reserved', new_hold - hold)
+a.reserved = redis.call('HINCRBY', acct, 'reserved', new_hold - hold)
 redis.call('HSET', sess, 'g', grant, 'ge', new_end, 'hold', new_hold, 'fin', final)
 redis.call('ZADD', live, new_end + num(ARGV[5]) * 1000, f[11] .. '/' .. f[12])
-watch(acct, KEYS[4], f[11], false)
+watch(acct, KEYS[4], f[11], false, a)
 return {'ans', grant, new_end, final, now, new_hold}

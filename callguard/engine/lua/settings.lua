@@ -11,7 +11,7 @@ for _, name in ipairs({'balance', 'reserved', 'channels'}) do redis.call('HSETNX
 redis.call('HDEL', acct, 'tp')
 -- A new prepaid account (or a rebuilt one) has no level yet: its opening balance sets it.
 -- A postpaid one has its money now, its credit limit.
-local m = fields(acct, WATCHED)
+local m = watched(acct)
 if m.lv or m.kind == 'postpaid' then
   watch(acct, KEYS[2], ARGV[1], true, m)
 else
