@@ -100,9 +100,7 @@ redis.call('HINCRBY', acct, 'channels', '1')
 -- Attempts are numbered per shard, so a session id is never used twice, even by a
 -- channel that lives longer than a finished session is remembered.
 local n = redis.call('INCR', seq)
--- Every session hash has its n (each script writing one writes n, none deletes it): without
--- one there is nothing to delete.
-if cur[1] then redis.call('DEL', sess) end
+redis.call('DEL', sess)  -- always: a hash edited by hand (no n) must not lend this call its fields
 redis.call('HSET', sess, 'n', n, 'st', 'auth', 'acct', ARGV[2], 'ch', ARGV[3], 'dir', direction,
   'dst', destination, 'setup', now, 'node', ARGV[15], 'pfx', ARGV[8], 'r', r, 'cf', cf, 'i', i,
   's', s, 'g', grant, 'hold', hold, 'fin', '0', 'mx', maxsec, 'bl', ARGV[19])
