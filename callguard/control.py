@@ -127,6 +127,7 @@ class CallControl:
         self._offset_ms = 0  # Redis clock minus ours, learned from the scripts' replies
         self._timer: asyncio.TimerHandle | None = None  # the supervisor's next due time
         self._timer_due = 0.0
+        self._stopped = False  # stop() was called: no more timers
         self._tasks: set[asyncio.Task] = set()  # for ever: timers, pub/sub, housekeeping
         self._work: set[asyncio.Task] = set()  # one call step each: answer, extend, commit
         self._committing: set[str] = set()  # sessions whose commit is being retried
@@ -184,8 +185,10 @@ class CallControl:
         Redis under this node, for the next start to reconcile."""
         if self._work:
             await asyncio.wait(self._work, timeout=5)
+        self._stopped = True  # an answer or extend reply heard meanwhile arms no timer
         if self._timer:
             self._timer.cancel()
+            self._timer = None
         tasks = self._tasks | self._work
         for task in tasks:
             task.cancel()
@@ -578,7 +581,7 @@ class CallControl:
         """One loop timer at the supervisor's next due time, moved only when that comes
         earlier: a task waking on every change cost more than the rest of a call step."""
         due = self.supervisor.next_due()
-        if due is None or (self._timer is not None and self._timer_due <= due):
+        if due is None or self._stopped or (self._timer is not None and self._timer_due <= due):
             return
         if self._timer is not None:
             self._timer.cancel()

@@ -522,3 +522,19 @@ def test_an_answer_lost_while_ami_was_down_is_recovered(plan):
     state = snapshot(plan, ACCT)
     assert (state["reserved"], state["channels"]) == (0, 0)
     assert 50_000_000 - state["balance"] > 3_000_000  # billed past the first slice (reconcile)
+
+
+def test_no_deadline_timer_is_armed_once_call_control_has_stopped(plan):
+    """The event link outlives the control's stop by a moment: a reply heard then must not
+    arm a timer that would extend or hang up after the stop."""
+
+    async def scenario():
+        async with rig(plan) as (_, adapters):
+            control = adapters[0].control
+            await control.stop()
+            control.supervisor.track(f"{ACCT}/1.1/1", "1.1", "PJSIP/late",
+                                     control.clock.monotonic() + 0.01)
+            control.set_off([])
+            return control._timer
+
+    assert run(scenario()) is None

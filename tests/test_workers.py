@@ -95,13 +95,14 @@ class Serve:
                            "CALLGUARD_AMI_URL" if pbx == "asterisk" else "CALLGUARD_ESL_URL":
                            link}, **extra)
         self.log = tmp / f"{name}.log"
+        self.root: list[str] = []  # root options, before `serve`
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> Serve:
         with open(self.log, "wb") as err:
             # A process group of its own: whatever a failed test leaves is killed whole.
-            self.proc = subprocess.Popen([sys.executable, "-m", "callguard", "serve", self.pbx,
-                                          *self.args], env=self.env, stderr=err,
+            self.proc = subprocess.Popen([sys.executable, "-m", "callguard", *self.root, "serve",
+                                          self.pbx, *self.args], env=self.env, stderr=err,
                                          stdout=subprocess.DEVNULL, start_new_session=True)
         return self
 
@@ -317,6 +318,35 @@ def test_a_worker_killed_with_calls_up_is_restarted_and_takes_them_back(plan, tm
     assert seen == {"up": placed, "other": True}
     assert "worker 2 (node wk.2" in log and "was killed by SIGKILL" in log
     assert_all_billed(plan, owners)
+
+
+def test_the_urls_given_as_options_reach_the_workers_off_their_command_lines(plan, tmp_path):
+    """--redis-url and --database-url may carry passwords: ps shows the parent's command
+    line (it warns), but not once more for each worker."""
+    port, http = free_port(), two_free_ports()
+
+    async def scenario():
+        sim = SimulatedAsterisk(agi_port=port)
+        await sim.start()
+        serve = Serve(plan, tmp_path, "asterisk", sim.ami_url, port, "wk", http,
+                      "--workers", "2")
+        serve.root = ["--redis-url", serve.env.pop("CALLGUARD_REDIS_URL"),
+                      "--database-url", serve.env.pop("CALLGUARD_DATABASE_URL")]
+        serve.start()
+        try:
+            await serve.ready(workers=2)  # each on the test's Redis and books
+            children = Path(f"/proc/{serve.proc.pid}/task/{serve.proc.pid}/children")
+            return [Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+                    for pid in children.read_text().split()]
+        finally:
+            assert await serve.stop() == 0
+            await sim.stop()
+
+    workers_argv = run(scenario())
+    assert len(workers_argv) == 2
+    for argv in workers_argv:
+        assert "serve" in argv and not {"--redis-url", "--database-url"} & set(argv), argv
+        assert plan.settings.redis_url not in argv
 
 
 def test_processes_started_on_their_own_share_the_port_with_reuse_port(plan, tmp_path):

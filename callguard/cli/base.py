@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 
 import click
 
@@ -16,6 +17,7 @@ from ..logs import TEXT_FORMAT, JsonFormatter
 from ..money import AmountError, parse_amount
 from ..refusals import explain
 
+PARENT_OPTION = "_CALLGUARD_PARENT_OPTION_"  # + the setting, for serve --workers
 log = logging.getLogger("callguard")
 
 
@@ -107,6 +109,10 @@ def cli(ctx, config_file, home, redis_url, database_url, verbose, log_format):
             name = "CALLGUARD_" + option[2:].replace("-", "_").upper()
             log.warning("%s is visible to other users in ps; use %s_FILE or a systemd "
                         "credential", option, name)
+    # From a `serve --workers` parent: its --redis-url / --database-url, kept off the
+    # workers' command lines (ps); taken as the option, so they win as they did there.
+    redis_url = os.environ.pop(PARENT_OPTION + "REDIS_URL", None) or redis_url
+    database_url = os.environ.pop(PARENT_OPTION + "DATABASE_URL", None) or database_url
     try:
         settings = load_settings(config_file, home=home, redis_url=redis_url,
                                  database_url=database_url)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import sys
 
 import click
@@ -12,7 +13,7 @@ import click
 from .. import sync
 from ..logs import tag_lines
 from ..nodes import default_node
-from .base import Refused, app_of, cli, emit, refusals
+from .base import PARENT_OPTION, Refused, app_of, cli, emit, refusals
 
 
 @cli.group()
@@ -138,12 +139,18 @@ def _serve_workers(ctx, adapter_class, workers: int) -> int:
 
 def _worker_command(ctx) -> list[str]:
     """This command line for a worker: the root options as they were given (or came from
-    the environment), the same serve command, no --workers."""
+    the environment; --redis-url and --database-url through it instead), the same serve
+    command, no --workers."""
     root = ctx.find_root()
     argv = [sys.executable, "-m", "callguard"]
     for param in root.command.params:
         value = root.params.get(param.name)
         if not isinstance(param, click.Option) or value is None or value is False:
+            continue
+        if param.name in ("redis_url", "database_url"):
+            # A password in them would show in ps once more per worker: the environment
+            # carries them (base.cli takes them back as the option).
+            os.environ[PARENT_OPTION + param.name.upper()] = value
             continue
         flag = param.opts[-1]
         if param.count:
