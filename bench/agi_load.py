@@ -556,19 +556,8 @@ def main() -> int:
             if args.find_max:
                 result.update(find_max_interleaved(args, sides, loop))
             else:
-                rows = interleaved_runs(args, sides, loop, start_py_spy)
-                for side in sides:
-                    name = "minimal (the floor)" if side.label == "floor" else args.target
-                    print_runs(rows[side.label], f"{name} at {args.rate:g}/s for "
-                                                 f"{args.duration:g} s, {args.runs} run(s)")
-                summaries = {label: summarize_runs(r, SUMMARY) for label, r in rows.items()}
-                result.update({"rate": args.rate, "duration": args.duration,
-                               "runs": rows[args.target], "summary": summaries[args.target]})
-                if floor:
-                    result["floor"] = {"target": "minimal", "server": "bench/minimal_agi.py",
-                                       "runs": rows["floor"], "summary": summaries["floor"]}
-                    result["vs_floor"] = vs_floor(rows[args.target], rows["floor"])
-                    print_vs_floor(rows[args.target], rows["floor"], args.target)
+                result.update(runs_at_rate(args, sides, loop, start_py_spy, print_runs, SUMMARY,
+                                           "bench/minimal_agi.py"))
             if scraper:
                 result["scrapes"] = scraper.stop()
                 print(f"# scraper: {result['scrapes']}")
@@ -612,6 +601,26 @@ def summarize_runs(rows: list[dict], keys) -> dict:
     print_table([{"metric": k, **v} for k, v in summary.items()],
                 ["metric", "median", "min", "max"], "median and spread over runs")
     return summary
+
+
+def runs_at_rate(args, sides: list[Side], loop, start_spy, print_runs, summary_keys,
+                 floor_server: str) -> dict:
+    """The runs at one rate, each side in turn: their tables printed, the result's fields
+    (the floor's beside callguard's when it ran)."""
+    rows = interleaved_runs(args, sides, loop, start_spy)
+    for side in sides:
+        name = "minimal (the floor)" if side.label == "floor" else args.target
+        print_runs(rows[side.label], f"{name} at {args.rate:g}/s for "
+                                     f"{args.duration:g} s, {args.runs} run(s)")
+    summaries = {label: summarize_runs(r, summary_keys) for label, r in rows.items()}
+    result = {"rate": args.rate, "duration": args.duration,
+              "runs": rows[args.target], "summary": summaries[args.target]}
+    if "floor" in rows:
+        result["floor"] = {"target": "minimal", "server": floor_server,
+                           "runs": rows["floor"], "summary": summaries["floor"]}
+        result["vs_floor"] = vs_floor(rows[args.target], rows["floor"])
+        print_vs_floor(rows[args.target], rows["floor"], args.target)
+    return result
 
 
 def interleaved_runs(args, sides: list[Side], loop, start_spy) -> dict[str, list[dict]]:

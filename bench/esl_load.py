@@ -69,11 +69,8 @@ from agi_load import (  # noqa: E402  the same meters and search as the FastAGI 
     find_max_interleaved,
     finish_run,
     gen_cpu,
-    interleaved_runs,
-    print_vs_floor,
     run_once,
-    summarize_runs,
-    vs_floor,
+    runs_at_rate,
 )
 from common import (  # noqa: E402
     BenchEnv,
@@ -730,20 +727,8 @@ def main() -> int:
                           f"{best.get('redis_us_per_call', float('nan')):.0f} us/call")
                 result.update(found)
             else:
-                rows = interleaved_runs(args, sides, loop, start_py_spy)
-                for side in sides:
-                    name = "minimal (the floor)" if side.label == "floor" else args.target
-                    print_runs(rows[side.label], f"{name} at {args.rate:g}/s for "
-                                                 f"{args.duration:g} s, {args.runs} run(s)")
-                summaries = {label: summarize_runs(r, SUMMARY) for label, r in rows.items()}
-                result.update({"rate": args.rate, "duration": args.duration,
-                               "runs": rows[args.target], "summary": summaries[args.target]})
-                if floor:
-                    result["floor"] = {"target": "minimal",
-                                       "server": "bench/minimal_esl.py --multiset",
-                                       "runs": rows["floor"], "summary": summaries["floor"]}
-                    result["vs_floor"] = vs_floor(rows[args.target], rows["floor"])
-                    print_vs_floor(rows[args.target], rows["floor"], args.target)
+                result.update(runs_at_rate(args, sides, loop, start_py_spy, print_runs, SUMMARY,
+                                           "bench/minimal_esl.py --multiset"))
             new_lines = server.log_lines() - log_before
             if new_lines:
                 print(f"# server log: {new_lines} new line(s); last:\n{server.log_tail(5)}")
