@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable
 from urllib.parse import unquote, urlsplit
 
 from ..protocol import esl
-from .link import EventLink, LinkError
+from .link import EventLink, LinkError, quiet
 
 
 class ESLError(LinkError):
@@ -30,10 +30,6 @@ def parse_esl_url(url: str) -> tuple[str, int, str]:
     if parts.scheme != "esl" or not parts.hostname or not parts.password:
         raise ValueError("ESL URL must look like esl://:password@host:8021")
     return parts.hostname, parts.port or 8021, unquote(parts.password)
-
-
-def _quiet(future: asyncio.Future) -> None:
-    future.cancelled() or future.exception()
 
 
 class ESLClient(EventLink):
@@ -110,7 +106,7 @@ class ESLClient(EventLink):
         self._pending.extend(futures)
         writer.write(b"".join(commands))
         for future in futures[:-1]:  # failed with the link, they are not awaited: no noise
-            future.add_done_callback(_quiet)
+            future.add_done_callback(quiet)
         # Replies come in order: the last one's arrival means all are in.
         await self._reply(writer, futures[-1], timeout)
         replies = [future.result() for future in futures]

@@ -52,11 +52,17 @@ def why(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
+def quiet(future: asyncio.Future) -> None:
+    """A done callback: the future's error is handled elsewhere (or of no interest), so
+    asyncio does not log it as never retrieved."""
+    future.cancelled() or future.exception()
+
+
 def _task(coro) -> asyncio.Task:
     """A task of a session: what ends one is raised by the session and logged by run();
     the others' errors, left behind as it ends, are of no interest."""
     task = asyncio.ensure_future(coro)
-    task.add_done_callback(lambda t: t.cancelled() or t.exception())
+    task.add_done_callback(quiet)
     return task
 
 
@@ -139,7 +145,7 @@ class EventLink:
             self.timeout)
         self._transport = transport
         self._out = CoalescedWrites(transport)
-        stream.ended.add_done_callback(lambda f: f.cancelled() or f.exception())
+        stream.ended.add_done_callback(quiet)
         tasks = {stream.ended}
         try:
             await self._login()

@@ -76,9 +76,15 @@ class PipelinedRedis:
         self._protocol: _Protocol | None = None
         self._lock = asyncio.Lock()
 
+    @property
+    def _live(self) -> _Protocol | None:
+        """The connection, if it is up: the call path's fast way past _connection()."""
+        protocol = self._protocol
+        return protocol if protocol is not None and protocol.lost is None else None
+
     async def _connection(self) -> _Protocol:
         async with self._lock:  # one reconnect for everybody waiting
-            if self._protocol is None or self._protocol.lost is not None:
+            if self._live is None:
                 self._protocol = await self._connect()
             return self._protocol
 
@@ -108,16 +114,11 @@ class PipelinedRedis:
         return future
 
     async def execute(self, *parts):
-        protocol = self._protocol
-        if protocol is None or protocol.lost is not None:
-            protocol = await self._connection()
-        return await self._call(protocol, *parts)
+        return await self._call(self._live or await self._connection(), *parts)
 
     async def evalsha(self, sha: str, source: str, keys: list, args: list):
         """EVALSHA, loading the script once if Redis does not know it (restart, flush)."""
-        protocol = self._protocol  # inline, not execute(): one coroutine less per call step
-        if protocol is None or protocol.lost is not None:
-            protocol = await self._connection()
+        protocol = self._live or await self._connection()  # not execute(): a coroutine less
         try:
             return await self._call(protocol, "EVALSHA", sha, len(keys), *keys, *args)
         except redis.ResponseError as exc:
